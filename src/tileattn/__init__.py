@@ -1,0 +1,10 @@
+"""tileattn: FlashAttention-2 in Triton, with a flash-attn compatible API.
+
+    from tileattn import flash_attn_func
+    out = flash_attn_func(q, k, v, causal=True)   # q, k, v: (batch, seqlen, heads, head_dim)
+"""
+
+from .api import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+__version__ = "0.1.0"
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "__version__"]

@@ -1,0 +1,242 @@
+"""FlashAttention-2 backward, recomputing probabilities from the saved LSE.
+
+Three launches: delta = rowsum(dO * O); dK/dV with one program per (key tile, batch*kv_head)
+that loops over every query head of its GQA group and every query tile; dQ with one program per
+(query tile, batch*head) that loops over key tiles. Each output element has exactly one writer,
+so there are no atomics and gradients are bit-identical run to run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .tile import LOG2E, key_range, load_tile, mask_scores, query_range
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DOut, Delta,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    seqlen_q, heads, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seqlen_q)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
+    """Base-2 LSE and delta for query rows. Rows past the end, and rows that saw no key
+    (LSE = -inf), get LSE = +inf so their recomputed probabilities are exactly 0."""
+    if CHECK_ROWS:
+        lse = tl.load(Lse + bh_offset + rows, mask=rows < seqlen_q, other=float("inf"))
+        delta = tl.load(Delta + bh_offset + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(Lse + bh_offset + rows)
+        delta = tl.load(Delta + bh_offset + rows)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, mask_d,
+    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = start_m + offs_m
+    qt = load_tile(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                   (rows < seqlen_q)[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    do = load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                   (rows < seqlen_q)[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
+    st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    if MASKED:
+        st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, CAUSAL)
+    pt = tl.math.exp2(st - lse[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
+    SEQ_BUCKET,  # autotune key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bhk = tl.program_id(1)
+    heads_kv = heads // group
+    b = pid_bhk // heads_kv
+    hk = pid_bhk % heads_kv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seqlen_k
+    mask_d = offs_d < head_dim
+
+    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                  mask_n[:, None], mask_d[None, :], True, not EVEN_D)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                  mask_n[:, None], mask_d[None, :], True, not EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, full, full_end = query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    diag_end = full
+    if diag_end > seqlen_q:
+        diag_end = seqlen_q
+    tail_start = full
+    if tail_start < full_end:
+        tail_start = full_end
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        bh_offset = (b * heads + h) * seqlen_q
+        # causal diagonal (and, when it reaches the end, the ragged last query tile)
+        for start_m in range(lo, diag_end, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
+                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
+                                qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
+        for start_m in range(full, full_end, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
+                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
+                                qk_scale, CAUSAL, False, EVEN_D, DOT_PRECISION)
+        for start_m in range(tail_start, seqlen_q, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
+                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
+                                qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
+
+    mask = mask_n[:, None] & mask_d[None, :]
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    vt = load_tile(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
+    SEQ_BUCKET,  # autotune key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen_q
+    mask_d = offs_d < head_dim
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    do = load_tile(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    lse, delta = _load_row_stats(Lse, Delta, pid_bh * seqlen_q, offs_m, seqlen_q, True)
+    k_base = K + b * stride_kb + (h // group) * stride_kh
+    v_base = V + b * stride_vb + (h // group) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full, hi = key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+                      CAUSAL, False, EVEN_D, DOT_PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+                      CAUSAL, True, EVEN_D, DOT_PRECISION)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+_dkdv = autotuned(_bwd_dkdv_kernel, "bwd_dkdv")
+_dq = autotuned(_bwd_dq_kernel, "bwd_dq")
+_PREPROCESS_BLOCK_M = 64
+
+
+def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, dq=None, dk=None, dv=None):
+    """Launch the backward kernels; returns (dq, dk, dv) shaped and typed like (q, k, v).
+
+    ``lse`` is the forward's (B, H, Sq) float32 output and must be contiguous. dq/dk/dv may be
+    passed preallocated (tests poison them to catch unwritten elements).
+    """
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if batch * heads * head_dim == 0:
+        return dq, dk, dv
+    block_d = head_block(head_dim)
+    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    common = dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
+    sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E, softmax_scale,
+             seqlen_bucket(seqlen_q, seqlen_k))
+    if seqlen_q > 0:
+        _bwd_preprocess[(triton.cdiv(seqlen_q, _PREPROCESS_BLOCK_M), batch * heads)](
+            out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, heads, head_dim,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
+        )
+        _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *sizes, **common,
+        )
+    if seqlen_k > 0:
+        _dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *sizes, **common,
+        )
+    return dq, dk, dv

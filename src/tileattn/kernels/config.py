@@ -1,0 +1,101 @@
+"""Tile shapes per kernel: an autotuned, pruned list on the GPU, one fixed shape elsewhere.
+
+Autotune results are keyed on (seqlen bucket, causal, head block, precision, dtypes), so a new
+sequence length inside a seen power-of-two bucket reuses the tuned shape. Under
+``TRITON_INTERPRET=1`` (CPU tests) autotuning would run every config through the interpreter,
+so one small, deliberately non-square shape is used there; ``TILEATTN_AUTOTUNE=0`` takes the
+first (heuristic) config on the GPU too.
+"""
+
+import os
+
+import torch
+import triton
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M indexes queries, BLOCK_N keys.
+# The first entry of each list is the heuristic default.
+_GPU_CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    },
+    # dk/dv: a program owns BLOCK_N keys and streams BLOCK_M-query tiles past them
+    "bwd_dkdv": {
+        64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+        128: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2)],
+        256: [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
+    },
+    # dq: a program owns BLOCK_M queries and streams BLOCK_N-key tiles past them
+    "bwd_dq": {
+        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+        128: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
+        256: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
+    },
+}
+_INTERPRETER_CONFIG = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
+_KEY = ["SEQ_BUCKET", "CAUSAL", "BLOCK_D", "DOT_PRECISION"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded in registers to a power of two (>= 16, tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are computed in true fp32: no tf32 rounding."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """One int naming the power-of-two buckets of both lengths (an autotune key)."""
+    return (max(seqlen_q, 1) - 1).bit_length() << 8 | (max(seqlen_k, 1) - 1).bit_length()
+
+
+def _head_class(block_d: int) -> int:
+    return min(d for d in (64, 128, 256) if d >= block_d)
+
+
+def _configs(kind: str, block_d: int):
+    return _GPU_CONFIGS[kind][_head_class(block_d)]
+
+
+def autotuned(kernel, kind: str):
+    """Wrap a kernel taking BLOCK_M/BLOCK_N constexprs with this module's config choice.
+
+    Returns an object used like the kernel: ``wrapped[grid](*args, **kwargs)``, where grid may
+    be a function of the chosen meta-parameters.
+    """
+    tuners = {}
+
+    def pick(kwargs):
+        if interpreting():
+            block_m, block_n = _INTERPRETER_CONFIG[kind]
+            return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n)
+        configs = _configs(kind, kwargs["BLOCK_D"])
+        if os.environ.get("TILEATTN_AUTOTUNE", "1") == "0":
+            block_m, block_n, warps, stages = configs[0]
+            return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        head_class = _head_class(kwargs["BLOCK_D"])
+        if head_class not in tuners:
+            tuners[head_class] = triton.autotune(
+                configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                         for (m, n, w, s) in configs],
+                key=_KEY,
+            )(kernel)
+        return tuners[head_class], {}
+
+    class _Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                fn, meta = pick(kwargs)
+                kwargs.update(meta)
+                return fn[grid](*args, **kwargs)
+
+            return launch
+
+    return _Launcher()

@@ -1,0 +1,103 @@
+"""FlashAttention-2 forward: one program per (query tile, batch*head); K/V tiles stream past."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .tile import LOG2E, finish_softmax, key_range, load_tile, mask_scores, online_softmax_fold
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    v = load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                  (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
+    return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale,
+    SEQ_BUCKET,  # autotune key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen_q
+    mask_d = offs_d < head_dim
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    k_base = K + b * stride_kb + (h // group) * stride_kh
+    v_base = V + b * stride_vb + (h // group) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full, hi = key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+                                  CAUSAL, False, EVEN_D, DOT_PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
+                                  CAUSAL, True, EVEN_D, DOT_PRECISION)
+
+    out, lse = finish_softmax(m_i, l_i, acc)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=mask_m)
+
+
+_fwd = autotuned(_fwd_kernel, "fwd")
+
+
+def forward(q, k, v, softmax_scale: float, causal: bool, out=None, lse=None):
+    """Launch the forward kernel. q (B, Sq, H, D), k/v (B, Sk, Hkv, D), any strides.
+
+    Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32 (natural log). ``out`` and
+    ``lse`` may be passed preallocated (tests poison them to catch unwritten elements).
+    """
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_d = head_block(head_dim)
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    _fwd[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E,
+        seqlen_bucket(seqlen_q, seqlen_k),
+        CAUSAL=causal, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse

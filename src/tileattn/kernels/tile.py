@@ -1,0 +1,107 @@
+"""The tile step every kernel shares: score masking, the online-softmax fold, tile ranges.
+
+Scores live in the base-2 domain inside kernels: ``s = q.k * softmax_scale * log2(e)`` so the
+softmax uses ``exp2``. LSE crosses kernel boundaries in natural log, as the API promises.
+
+Causal masks are bottom-right aligned: query i sees key j iff ``j <= i + seqlen_k - seqlen_q``.
+Each loop over tiles is split in two: tiles that every row of the block sees completely run
+with ``MASKED=False`` (no index arithmetic, no bound checks), the rest with ``MASKED=True``.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def load_tile(ptrs, mask_rows, mask_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, checking only the dimensions that can run past the tensor."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=mask_rows & mask_cols, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=mask_rows, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=mask_cols, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
+    """Set scores of keys past seqlen_k, or above the causal diagonal, to -inf.
+
+    q_idx and k_idx are index vectors already shaped to broadcast against s, so the same code
+    serves s = Q.K^T (forward, dq) and s^T = K.Q^T (dk/dv).
+    """
+    s = tl.where(k_idx < seqlen_k, s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(k_idx <= q_idx + (seqlen_k - seqlen_q), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [M, N] and values v [N, D] into (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_softmax(m_i, l_i, acc):
+    """Normalize the accumulator; returns (out, natural-log lse). Empty rows: 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    return out, lse
+
+
+@triton.jit
+def key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [0, full) need no mask, [full, hi) do.
+
+    full is a multiple of BLOCK_N; the masked range holds the causal diagonal and the ragged
+    last key tile.
+    """
+    hi = seqlen_k
+    full = seqlen_k
+    if CAUSAL:
+        diag = seqlen_k - seqlen_q
+        # the last row of the block sees keys < start_m + BLOCK_M + diag, the first < start_m + diag + 1
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seqlen_k)
+        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), hi)
+    full = (full // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def query_range(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For keys [start_n, start_n + BLOCK_N): query tiles [lo, full) need the causal mask,
+    [full, full_end) need no mask, and [max(full, full_end), seqlen_q) is the ragged tail.
+    All returned bounds are multiples of BLOCK_M.
+    """
+    full_end = (seqlen_q // BLOCK_M) * BLOCK_M
+    lo = 0
+    full = 0
+    if CAUSAL:
+        diag = seqlen_k - seqlen_q
+        # query i sees key j iff i >= j - diag: the first key of the block from row start_n - diag,
+        # all keys of the block from row start_n + BLOCK_N - 1 - diag
+        lo = tl.minimum(tl.maximum(start_n - diag, 0), seqlen_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        first_full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), seqlen_q)
+        full = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    return lo, full, full_end

@@ -1,0 +1,92 @@
+"""FlashAttention-2 in blocked PyTorch: the backend for CPU and any non-CUDA device.
+
+The same algorithm as the Triton kernels, one K/V chunk at a time: scores for a chunk, fold it
+into a running (max, sum, accumulator), never the full (seqlen_q, seqlen_k) matrix. The
+backward recomputes each chunk's probabilities from the saved LSE. Work is done in float32
+whatever the input dtype (as the kernels accumulate), and GQA is handled by viewing the query
+heads as (heads_kv, group) so K/V are never repeated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_K = 256
+
+
+def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """(B, S, H, D) -> float32 (B, heads_kv, group, S, D)."""
+    b, s, h, d = x.shape
+    return x.float().reshape(b, s, heads_kv, h // heads_kv, d).permute(0, 2, 3, 1, 4)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads_kv, group, S, D) -> (B, S, H, D)."""
+    b, hk, g, s, d = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
+
+
+def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal):
+    """Scaled scores of all queries against keys [n0, n0 + chunk), masked to -inf."""
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk) * scale
+    if causal:
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(n0, n0 + k_chunk.shape[2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
+    return s
+
+
+def forward(q, k, v, softmax_scale: float, causal: bool):
+    """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
+    b, seqlen_q, heads, d = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    qf = _split_heads(q, heads_kv)
+    kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
+    vf = v.float().permute(0, 2, 1, 3)
+    m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros_like(qf)
+    for n0 in range(0, seqlen_k, BLOCK_K):
+        s = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal)
+        m_new = torch.maximum(m, s.amax(-1))
+        # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
+        m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + BLOCK_K])
+        m = m_new
+    empty = l == 0
+    out = acc / torch.where(empty, 1.0, l)[..., None]
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
+    return _merge_heads(out).to(q.dtype), lse.reshape(b, heads, seqlen_q)
+
+
+def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool):
+    """Gradients (dq, dk, dv) in the inputs' dtypes, recomputing probabilities from lse."""
+    b, seqlen_q, heads, d = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    qf = _split_heads(q, heads_kv)
+    dof = _split_heads(dout, heads_kv)
+    kf = k.float().permute(0, 2, 1, 3)
+    vf = v.float().permute(0, 2, 1, 3)
+    delta = (dof * _split_heads(out, heads_kv)).sum(-1)
+    lse = lse.reshape(qf.shape[:-1])
+    # rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    for n0 in range(0, seqlen_k, BLOCK_K):
+        kc, vc = kf[:, :, n0 : n0 + BLOCK_K], vf[:, :, n0 : n0 + BLOCK_K]
+        p = torch.exp(_chunk_scores(qf, kc, n0, seqlen_q, seqlen_k, softmax_scale, causal) - lse[..., None])
+        dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p, dof)
+        dp = torch.einsum("bhgqd,bhkd->bhgqk", dof, vc)
+        ds = p * (dp - delta[..., None])
+        dq += torch.einsum("bhgqk,bhkd->bhgqd", ds, kc) * softmax_scale
+        dk[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", ds, qf) * softmax_scale
+    return (
+        _merge_heads(dq).to(q.dtype),
+        dk.permute(0, 2, 1, 3).to(k.dtype),
+        dv.permute(0, 2, 1, 3).to(v.dtype),
+    )

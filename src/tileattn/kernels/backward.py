@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, key_range, load_tile, mask_scores, query_range
+from .tile import LOG2E, cast, mma, key_range, load_tile, mask_scores, query_range
 
 
 @triton.jit
@@ -61,14 +61,14 @@ def _dkdv_tile(
     do = load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                    (rows < seqlen_q)[:, None], mask_d[None, :], MASKED, not EVEN_D)
     lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
-    st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    st = mma(k, qt, None, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, CAUSAL)
     pt = tl.math.exp2(st - lse[None, :])
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dv = mma(cast(pt, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+    dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    dk = mma(cast(dst, qt.dtype, DOT_PRECISION), tl.trans(qt), dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -132,8 +132,8 @@ def _bwd_dkdv_kernel(
     mask = mask_n[:, None] & mask_d[None, :]
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    tl.store(dk_ptrs, cast(dk * softmax_scale, DK.dtype.element_ty, DOT_PRECISION), mask=mask)
+    tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=mask)
 
 
 @triton.jit
@@ -147,13 +147,13 @@ def _dq_tile(
                    (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
     vt = load_tile(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                    (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
     if MASKED:
         s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
     p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    dp = mma(do, vt, None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return mma(cast(ds, kt.dtype, DOT_PRECISION), tl.trans(kt), dq, DOT_PRECISION)
 
 
 @triton.jit
@@ -199,7 +199,7 @@ def _bwd_dq_kernel(
                       CAUSAL, True, EVEN_D, DOT_PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
 
 
 _dkdv = autotuned(_bwd_dkdv_kernel, "bwd_dkdv")

@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M indexes queries, BLOCK_N keys.
 # The first entry of each list is the heuristic default.
@@ -33,7 +34,7 @@ _GPU_CONFIGS = {
         256: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
     },
 }
-_INTERPRETER_CONFIG = {"fwd": (32, 16), "bwd_dkdv": (16, 32), "bwd_dq": (32, 16)}
+_INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)}
 _KEY = ["SEQ_BUCKET", "CAUSAL", "BLOCK_D", "DOT_PRECISION"]
 
 
@@ -47,8 +48,12 @@ def head_block(head_dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs are computed in true fp32: no tf32 rounding."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs are computed in true fp32 (no tf32 rounding); see tile.py for interpreter_bf16."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "interpreter_bf16"
+    return "tf32"
 
 
 def seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
@@ -71,30 +76,42 @@ def autotuned(kernel, kind: str):
     be a function of the chosen meta-parameters.
     """
     tuners = {}
+    fitting = {}  # (head class, dtype) -> index of the first config that fits in shared memory
 
-    def pick(kwargs):
+    def launch_fixed(grid, args, kwargs):
         if interpreting():
             block_m, block_n = _INTERPRETER_CONFIG[kind]
-            return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n)
+            kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n)
+            return kernel[grid](*args, **kwargs)
         configs = _configs(kind, kwargs["BLOCK_D"])
-        if os.environ.get("TILEATTN_AUTOTUNE", "1") == "0":
-            block_m, block_n, warps, stages = configs[0]
-            return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        key = (_head_class(kwargs["BLOCK_D"]), args[0].dtype)
+        for i in range(fitting.get(key, 0), len(configs)):
+            block_m, block_n, warps, stages = configs[i]
+            kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            try:
+                result = kernel[grid](*args, **kwargs)
+            except OutOfResources:
+                continue  # e.g. fp32 at head dim 256: take the next, smaller config
+            fitting[key] = i
+            return result
+        raise RuntimeError(f"no {kind} tile config fits this GPU for head block {kwargs['BLOCK_D']}")
+
+    def launch_tuned(grid, args, kwargs):
         head_class = _head_class(kwargs["BLOCK_D"])
         if head_class not in tuners:
             tuners[head_class] = triton.autotune(
                 configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                         for (m, n, w, s) in configs],
+                         for (m, n, w, s) in _configs(kind, kwargs["BLOCK_D"])],
                 key=_KEY,
             )(kernel)
-        return tuners[head_class], {}
+        return tuners[head_class][grid](*args, **kwargs)
 
     class _Launcher:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                fn, meta = pick(kwargs)
-                kwargs.update(meta)
-                return fn[grid](*args, **kwargs)
+                if interpreting() or os.environ.get("TILEATTN_AUTOTUNE", "1") == "0":
+                    return launch_fixed(grid, args, kwargs)
+                return launch_tuned(grid, args, kwargs)
 
             return launch
 

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, finish_softmax, key_range, load_tile, mask_scores, online_softmax_fold
+from .tile import LOG2E, cast, mma, finish_softmax, key_range, load_tile, mask_scores, online_softmax_fold
 
 
 @triton.jit
@@ -19,7 +19,7 @@ def _fwd_tile(
                    (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
     v = load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
     if MASKED:
         s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
     return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
@@ -67,7 +67,7 @@ def _fwd_kernel(
 
     out, lse = finish_softmax(m_i, l_i, acc)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=mask_m)
 
 

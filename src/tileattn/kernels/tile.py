@@ -29,6 +29,31 @@ def load_tile(ptrs, mask_rows, mask_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: 
     return x
 
 
+# DOT_PRECISION is tl.dot's input_precision, or "interpreter_bf16": bf16 inputs under Triton's
+# interpreter, whose bf16 support is wrong in two ways that mma() and cast() work around.
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; every tl.dot of the kernels goes through here."""
+    if DOT_PRECISION == "interpreter_bf16":
+        # the interpreter multiplies bf16's raw uint16 storage; widening to fp32 is exact and
+        # gives the tensor cores' bf16 x bf16 -> fp32 products
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Cast fp32 x to dtype rounding to nearest even, as the GPU does."""
+    if DOT_PRECISION == "interpreter_bf16":
+        # the interpreter truncates fp32 -> bf16: round the bits first so truncation is exact
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit
 def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
     """Set scores of keys past seqlen_k, or above the causal diagonal, to -inf.
@@ -55,7 +80,7 @@ def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc = mma(cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
     return m_new, l_i, acc
 
 

@@ -1,0 +1,27 @@
+"""The `tileattn` command: `tileattn bench` (more subcommands live beside it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench
+
+    parser = argparse.ArgumentParser(prog="tileattn", description="FlashAttention-2 in Triton.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="accuracy, speed and memory against the other attention backends",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

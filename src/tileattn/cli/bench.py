@@ -1,0 +1,336 @@
+"""`tileattn bench`: correctness at real sizes, speed against every attention backend present,
+and peak memory against standard attention. Writes bench.md and PNG plots to --out.
+
+Speed uses the FlashAttention grid: batch * seqlen = 16k tokens, heads * head_dim = 2048.
+FLOPs: forward 4 * B * H * Sq * Sk * D (halved when causal), backward 2.5x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..api import flash_attn_func
+from ..testing import check_attention
+
+TOKENS = 16 * 1024
+HIDDEN = 2048
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="run the accuracy matrix at real sizes first")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed grid")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison")
+    p.add_argument("--seqlens", type=int, nargs="+", help="speed-grid sequence lengths (default 512..16k on GPU)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="speed-grid head dims")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="speed-grid dtype")
+    p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _bench(fn, device: torch.device, grad_to_none=()) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none), return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        for x in grad_to_none:
+            x.grad = None
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def attn(q, k, v, causal):
+        # SDPA wants (B, H, S, D); GQA through enable_gqa
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                enable_gqa=q.shape[2] != k.shape[2],
+            )
+        return out.transpose(1, 2)
+
+    return attn
+
+
+def attention_backends(device: torch.device) -> dict:
+    """Every implementation present: name -> fn(q, k, v, causal) -> out (B, S, H, D)."""
+    impls = {"tileattn": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)}
+    if device.type == "cuda":
+        impls.update({
+            "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+            "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+            "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+        })
+        with contextlib.suppress(Exception):
+            from flash_attn import flash_attn_func as fa2
+
+            impls["flash-attn"] = lambda q, k, v, causal: fa2(q, k, v, causal=causal)
+        with contextlib.suppress(Exception):
+            from flash_attn.cute import flash_attn_func as fa4
+
+            impls["flash-attn-4"] = lambda q, k, v, causal: fa4(q, k, v, causal=causal)[0]
+    impls["sdpa-math"] = _sdpa("MATH")  # standard attention: materializes the scores
+    return impls
+
+
+def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal) -> float:
+    f = 4 * batch * heads * seqlen_q * seqlen_k * head_dim
+    return f / 2 if causal else f
+
+
+@dataclass
+class Cell:
+    head_dim: int
+    causal: bool
+    seqlen: int
+    tflops: dict = field(default_factory=dict)  # (impl, "fwd"|"bwd") -> TFLOP/s or None
+    max_diff: float | None = None  # tileattn vs the first other backend that ran, for sanity
+
+
+def speed_grid(device, dtype, seqlens, head_dims, log) -> list[Cell]:
+    impls = attention_backends(device)
+    cells = []
+    for head_dim in head_dims:
+        heads = HIDDEN // head_dim
+        for causal in (False, True):
+            for seqlen in seqlens:
+                batch = max(1, TOKENS // seqlen)
+                cell = Cell(head_dim, causal, seqlen)
+                flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
+                q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                dout = torch.randn_like(q)
+                outs = {}
+                for name, fn in impls.items():
+                    try:
+                        out = fn(q, k, v, causal)
+                        outs[name] = out.detach()
+                        fwd_ms = _bench(lambda: fn(q, k, v, causal), device)
+                        bwd_ms = _bench(lambda: out.backward(dout, retain_graph=True), device, (q, k, v))
+                        cell.tflops[(name, "fwd")] = flops / fwd_ms / 1e9
+                        cell.tflops[(name, "bwd")] = 2.5 * flops / bwd_ms / 1e9
+                    except Exception as e:  # OOM for standard attention, unsupported shapes
+                        cell.tflops[(name, "fwd")] = cell.tflops[(name, "bwd")] = None
+                        log(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                    finally:
+                        q.grad = k.grad = v.grad = None
+                        with contextlib.suppress(NameError):
+                            del out
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                others = [n for n in outs if n != "tileattn"]
+                if "tileattn" in outs and others:
+                    cell.max_diff = (outs["tileattn"].float() - outs[others[0]].float()).abs().max().item()
+                cells.append(cell)
+                log(_cell_line(cell, impls))
+    return cells
+
+
+def _fmt(x):
+    return "OOM/—" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+
+
+def _cell_line(cell: Cell, impls) -> str:
+    parts = [f"d{cell.head_dim} {'causal' if cell.causal else 'full  '} S={cell.seqlen:>5}"]
+    for name in impls:
+        parts.append(f"{name} {_fmt(cell.tflops.get((name, 'fwd')))}/{_fmt(cell.tflops.get((name, 'bwd')))}")
+    return " | ".join(parts) + (f" | maxdiff {cell.max_diff:.1e}" if cell.max_diff is not None else "")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def peak_memory(device, dtype, seqlens, log, head_dim=80, heads=32) -> list[tuple]:
+    """Peak memory of forward + backward at batch 1: standard attention vs tileattn."""
+    rows = []
+    impls = {"standard (sdpa-math)": _sdpa("MATH"), "tileattn": attention_backends(device)["tileattn"]}
+    for seqlen in seqlens:
+        row = [seqlen]
+        for name, fn in impls.items():
+            q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            inputs = 4 * q.numel() * q.element_size()  # q, k, v, dout
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn(q, k, v, True).backward(torch.randn_like(q))
+                torch.cuda.synchronize()
+                row.append((torch.cuda.max_memory_allocated() - base + inputs) / 2**20)
+            except torch.OutOfMemoryError:
+                row.append(None)
+            del q, k, v
+            torch.cuda.empty_cache()
+        rows.append(tuple(row))
+        log(f"memory S={seqlen}: " + ", ".join(f"{n} {_fmt(m)} MiB" for n, m in zip(impls, row[1:])))
+    return rows
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def accuracy_matrix(device, log) -> bool:
+    """The 2x-PyTorch-error rule (tileattn.testing) at real sizes, every head dim we claim."""
+    cases = []
+    for head_dim in (16, 32, 64, 80, 96, 128, 256):
+        for seqlens in ((1, 1), (113, 203), (1023, 1024), (1025, 4096), (4096, 1025)):
+            cases.append((2, *seqlens, 8, 2, head_dim, torch.bfloat16))
+    for seqlen in (2048, 8192):
+        cases += [(1, seqlen, seqlen, 4, 4, d, torch.bfloat16) for d in (64, 80, 128)]
+    cases += [(2, 1000, 1000, 4, 1, d, dt) for d in (64, 128, 256) for dt in (torch.float16, torch.float32)]
+    ok = True
+    for batch, sq, sk, h, hk, d, dtype in cases:
+        for causal in (False, True):
+            q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+            checks = check_attention(flash_attn_func, q, k, v, causal=causal)
+            good = all(c.ok for c in checks)
+            ok &= good
+            worst = max(checks, key=lambda c: c.err / (2 * c.torch_err + c.atol))
+            log(f"{'ok  ' if good else 'FAIL'} B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} "
+                f"{'causal' if causal else 'full'} | worst {worst}")
+            if not good:
+                log("     " + "; ".join(str(c) for c in checks if not c.ok))
+    return ok
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
+    lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
+             f"dtype {str(dtype)[6:]}; TFLOP/s, median of triton.testing.do_bench.", ""]
+    if accuracy_ok is not None:
+        lines += [f"Accuracy matrix (--check): {'all cells pass' if accuracy_ok else 'FAILURES, see log'}", ""]
+    if cells:
+        lines += ["| head dim | causal | seqlen | " + " | ".join(f"{n} fwd / bwd" for n in impls)
+                  + " | tileattn / cuDNN fwd, bwd |",
+                  "|---|---|---|" + "---|" * (len(impls) + 1)]
+        for c in cells:
+            vals = [f"{_fmt(c.tflops.get((n, 'fwd')))} / {_fmt(c.tflops.get((n, 'bwd')))}" for n in impls]
+            ratio = []
+            for d in ("fwd", "bwd"):
+                ours, ref = c.tflops.get(("tileattn", d)), c.tflops.get(("sdpa-cudnn", d))
+                ratio.append(f"{ours / ref:.2f}" if ours and ref else "—")
+            lines.append(f"| {c.head_dim} | {'yes' if c.causal else 'no'} | {c.seqlen} | " + " | ".join(vals)
+                         + f" | {', '.join(ratio)} |")
+        lines.append("")
+    if memory_rows:
+        lines += ["Peak memory, forward + backward, batch 1, 32 heads, head dim 80, causal (MiB):", "",
+                  "| seqlen | standard attention (sdpa-math) | tileattn |", "|---|---|---|"]
+        lines += [f"| {s} | {_fmt(a)} | {_fmt(b)} |" for s, a, b in memory_rows]
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(text)
+    _plot(out_dir, cells, memory_rows, impls)
+    return text
+
+
+def _plot(out_dir, cells, memory_rows, impls) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if cells:
+        configs = sorted({(c.head_dim, c.causal) for c in cells})
+        fig, axes = plt.subplots(2, len(configs), figsize=(4.5 * len(configs), 7), squeeze=False)
+        for col, (d, causal) in enumerate(configs):
+            for row, direction in enumerate(("fwd", "bwd")):
+                ax = axes[row][col]
+                sel = [c for c in cells if (c.head_dim, c.causal) == (d, causal)]
+                for name in impls:
+                    pts = [(c.seqlen, c.tflops.get((name, direction))) for c in sel]
+                    pts = [(s, t) for s, t in pts if t]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == "tileattn" else 1.2)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"{direction} d{d} {'causal' if causal else 'non-causal'}")
+                ax.set_xlabel("seqlen")
+                ax.set_ylabel("TFLOP/s")
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "speed.png"), dpi=110)
+        plt.close(fig)
+    if memory_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, name in enumerate(("standard attention (sdpa-math)", "tileattn")):
+            pts = [(r[0], r[i + 1]) for r in memory_rows if r[i + 1] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("peak MiB (fwd + bwd)")
+        ax.set_title("Peak memory, H=32, D=80, causal")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "memory.png"), dpi=110)
+        plt.close(fig)
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "absent"
+
+
+def run(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gpu = device.type == "cuda"
+
+    def log(msg):
+        print(msg, flush=True)
+
+    log(f"tileattn bench on {_device_name(device)}")
+    accuracy_ok = None
+    if args.check:
+        log("== accuracy (2x PyTorch's own error vs the fp64 oracle)")
+        accuracy_ok = accuracy_matrix(device, log) if gpu else None
+        if not gpu:
+            log("   skipped: the CPU accuracy matrix is the test suite (pytest)")
+    cells = []
+    if not args.no_speed:
+        seqlens = args.seqlens or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [128, 256])
+        log(f"== speed, TFLOP/s fwd/bwd, {TOKENS} tokens, heads*head_dim={HIDDEN}")
+        cells = speed_grid(device, dtype if gpu else torch.float32, seqlens, args.head_dims, log)
+    memory_rows = []
+    if gpu and not args.no_memory:
+        log("== peak memory")
+        memory_rows = peak_memory(device, dtype, [1024, 2048, 4096, 8192, 16384], log)
+    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok)
+    log("\n" + text)
+    return 0 if accuracy_ok in (None, True) else 1
+

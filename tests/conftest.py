@@ -1,0 +1,24 @@
+"""Shared fixtures. Without a GPU the Triton kernels run under Triton's interpreter, which must
+be switched on before triton.jit decorates them, i.e. before tileattn is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run the test once per backend, forced through TILEATTN_BACKEND."""
+    monkeypatch.setenv("TILEATTN_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+

@@ -12,10 +12,10 @@ from .helpers import make_qkv
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_opcheck_forward_and_backward(backend, causal):
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 19, 23, 4, 2, 16))
-    torch.library.opcheck(ops.fwd, (q, k, v, 0.25, causal, False))
-    out, lse = ops.fwd(q, k, v, 0.25, causal, False)
+    torch.library.opcheck(ops.fwd, (q, k, v, None, None, 0, 0, 0.25, causal, False))
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, 0.25, causal, False)
     dout = torch.randn_like(out)
-    torch.library.opcheck(ops.bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.25, causal, False))
+    torch.library.opcheck(ops.bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, 0, 0, 0.25, causal, False))
 
 
 def test_lse_carries_no_gradient(backend):

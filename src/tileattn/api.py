@@ -3,67 +3,11 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from . import ops
-
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_tensor(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-
-
-def _check_qkv(q, k, v) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x)
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
-    head_dim = q.shape[3]
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
-    heads, heads_kv = q.shape[2], k.shape[2]
-    if heads_kv < 1 or heads < 1:
-        raise ValueError(f"q and k need at least one head, got heads={heads}, heads_kv={heads_kv}")
-    if heads % heads_kv != 0:
-        raise ValueError(
-            f"number of query heads ({heads}) must be a multiple of the number of key/value heads ({heads_kv})"
-        )
-
-
-def _check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> None:
-    if not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if softmax_scale is not None and (not isinstance(softmax_scale, Real) or not math.isfinite(softmax_scale)):
-        raise TypeError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if window_size is None or len(tuple(window_size)) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    # Not built yet: refuse rather than silently compute plain attention.
-    if dropout_p != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not supported yet")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError("window_size (sliding window attention) is not supported yet")
-    if softcap != 0.0:
-        raise NotImplementedError("softcap is not supported yet")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported yet")
-
+from .validation import check_features, check_packed, check_qkv
 
 def flash_attn_func(
     q: torch.Tensor,
@@ -108,10 +52,10 @@ def flash_attn_func(
         >>> flash_attn_func(q, k, v, causal=True).shape
         torch.Size([2, 128, 8, 64])
     """
-    _check_qkv(q, k, v)
-    _check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    check_qkv(q, k, v)
+    check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = ops.fwd(q, k, v, scale, bool(causal), bool(deterministic))
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -134,7 +78,7 @@ def flash_attn_kvpacked_func(
         >>> flash_attn_kvpacked_func(q, kv).shape
         torch.Size([1, 16, 4, 32])
     """
-    _check_packed("kv", kv, 2)
+    check_packed("kv", kv, 2, "(batch, seqlen, 2, heads, head_dim)")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -156,12 +100,7 @@ def flash_attn_qkvpacked_func(
         >>> flash_attn_qkvpacked_func(torch.randn(1, 16, 3, 4, 32), causal=True).shape
         torch.Size([1, 16, 4, 32])
     """
-    _check_packed("qkv", qkv, 3)
+    check_packed("qkv", qkv, 3, "(batch, seqlen, 3, heads, head_dim)")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs)
 
-
-def _check_packed(name: str, x, parts: int) -> None:
-    _check_tensor(name, x)
-    if x.dim() != 5 or x.shape[2] != parts:
-        raise ValueError(f"{name} must have shape (batch, seqlen, {parts}, heads, head_dim), got {tuple(x.shape)}")

@@ -11,19 +11,37 @@ import torch
 from .backend import get_backend
 
 
+# Dense inputs are (B, S, H, D) with cu_seqlens None; packed (varlen) inputs are (total, H, D)
+# split by int32 cu_seqlens, with max_seqlen the longest sequence. One op pair serves both.
+
+
 @torch.library.custom_op("tileattn::fwd", mutates_args=())
 def fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, deterministic: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Sq, H, D), lse (B, H, Sq) float32). ``deterministic`` is carried for backward."""
-    out, lse = get_backend(q.device).forward(q, k, v, softmax_scale, causal)
+    """(out like q, lse float32: (B, H, Sq) dense, (H, total_q) varlen). ``deterministic`` is
+    carried for the backward."""
+    out, lse = get_backend(q.device).forward(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k)
     return out.contiguous(), lse.contiguous()
 
 
 @fwd.register_fake
-def _(q, k, v, softmax_scale, causal, deterministic):
-    batch, seqlen_q, heads, head_dim = q.shape
-    return q.new_empty((batch, seqlen_q, heads, head_dim)), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic):
+    if cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("tileattn::bwd", mutates_args=())
@@ -34,33 +52,38 @@ def bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     softmax_scale: float,
     causal: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like (q, k, v). Both backends are deterministic by construction."""
-    dq, dk, dv = get_backend(q.device).backward(dout, q, k, v, out, lse, softmax_scale, causal)
+    dq, dk, dv = get_backend(q.device).backward(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q,
+                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, deterministic):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, deterministic = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args = inputs  # args: max_seqlen_q/k, scale, causal, deterministic
     out, lse = output
     # flash-attn semantics: the LSE output carries no gradient (requires_grad=False says so)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

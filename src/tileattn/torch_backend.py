@@ -36,7 +36,40 @@ def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal):
     return s
 
 
-def forward(q, k, v, softmax_scale: float, causal: bool):
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """(q_start, q_end, k_start, k_end) of each packed sequence."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
+
+
+def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Dense: out (B, Sq, H, D), lse (B, H, Sq). Varlen (packed (total, H, D) inputs split by
+    cu_seqlens): out (total_q, H, D), lse (H, total_q). lse is float32."""
+    if cu_seqlens_q is None:
+        return _dense_forward(q, k, v, softmax_scale, causal)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+        o, l = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal)
+        out[qs:qe], lse[:, qs:qe] = o[0], l[0]
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """Gradients (dq, dk, dv) in the inputs' layouts and dtypes."""
+    if cu_seqlens_q is None:
+        return _dense_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+        grads = _dense_backward(dout[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe],
+                                lse[None, :, qs:qe], softmax_scale, causal)
+        dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0] for g in grads)
+    return dq, dk, dv
+
+
+def _dense_forward(q, k, v, softmax_scale: float, causal: bool):
     """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -62,7 +95,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool):
     return _merge_heads(out).to(q.dtype), lse.reshape(b, heads, seqlen_q)
 
 
-def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool):
+def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool):
     """Gradients (dq, dk, dv) in the inputs' dtypes, recomputing probabilities from lse."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]

@@ -24,7 +24,7 @@ def test_backward_writes_every_element(shape, causal):
     out, lse = kernels.forward(q, k, v, head_dim**-0.5, causal)
     dout = torch.randn_like(out)
     grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
-    kernels.backward(dout, q, k, v, out, lse, head_dim**-0.5, causal, *grads)
+    kernels.backward(dout, q, k, v, out, lse, head_dim**-0.5, causal, dq=grads[0], dk=grads[1], dv=grads[2])
 
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref_out, _ = attention_ref(*leaves, causal=causal)
@@ -32,3 +32,18 @@ def test_backward_writes_every_element(shape, causal):
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert not g.isnan().any(), f"d{name} has unwritten elements"
         torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=5e-5, msg=f"d{name}")
+
+
+def test_varlen_backward_writes_every_element():
+    lq, lk = [3, 0, 40], [9, 5, 33]  # the middle sequence has keys but no queries
+    cu_q = torch.tensor([0, 3, 3, 43], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 14, 47], dtype=torch.int32)
+    q = torch.randn(sum(lq), 2, 24)
+    k, v = torch.randn(sum(lk), 1, 24), torch.randn(sum(lk), 1, 24)
+    out, lse = kernels.forward(q, k, v, 0.2, True, cu_q, cu_k, 40, 33)
+    grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, 0.2, True, cu_q, cu_k, 40, 33,
+                     dq=grads[0], dk=grads[1], dv=grads[2])
+    for name, g in zip("qkv", grads):
+        assert not g.isnan().any(), f"d{name} has unwritten elements"
+    assert torch.equal(grads[1][9:14], torch.zeros_like(grads[1][9:14]))

@@ -28,3 +28,16 @@ def test_forward_writes_every_element(shape, causal):
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_varlen_forward_writes_every_element():
+    cu_q = torch.tensor([0, 1, 1, 70], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 36], dtype=torch.int32)  # middle: no queries, no keys
+    q, k, v = torch.randn(70, 3, 20), torch.randn(36, 3, 20), torch.randn(36, 3, 20)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((3, 70), float("nan"))
+    kernels.forward(q, k, v, 0.2, True, cu_q, cu_k, 69, 31, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    # causal with Sq=69 > Sk=31: the third sequence's first 38 queries see no key
+    assert torch.equal(out[1:39], torch.zeros_like(out[1:39]))
+    assert (lse[:, 1:39] == float("-inf")).all()

@@ -200,12 +200,17 @@ def accuracy_matrix(device, log) -> bool:
     for batch, sq, sk, h, hk, d, dtype in cases:
         for causal in (False, True):
             q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
-            checks = check_attention(flash_attn_func, q, k, v, causal=causal)
+            name = f"B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}"
+            try:
+                checks = check_attention(flash_attn_func, q, k, v, causal=causal)
+            except Exception as e:
+                ok = False
+                log(f"FAIL {name} | {type(e).__name__}: {str(e)[:300]}")
+                continue
             good = all(c.ok for c in checks)
             ok &= good
             worst = max(checks, key=lambda c: c.err / (2 * c.torch_err + c.atol))
-            log(f"{'ok  ' if good else 'FAIL'} B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} "
-                f"{'causal' if causal else 'full'} | worst {worst}")
+            log(f"{'ok  ' if good else 'FAIL'} {name} | worst {worst}")
             if not good:
                 log("     " + "; ".join(str(c) for c in checks if not c.ok))
     return ok

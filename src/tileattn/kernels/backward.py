@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, cast, mma, key_range, load_tile, mask_scores, query_range
+from .forward import out_shapes, strides
+from .tile import LOG2E, cast, key_range, load_tile, mask_scores, mma, query_range, sequence
 
 
 @triton.jit
@@ -74,32 +75,42 @@ def _dkdv_tile(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV,
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
     heads_kv = heads // group
     b = pid_bhk // heads_kv
     hk = pid_bhk % heads_kv
+    q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    if start_n >= seqlen_k:  # varlen: the grid covers the longest sequence
+        return
+    Q += b * stride_qb + q_start * stride_qm
+    DOut += b * stride_dob + q_start * stride_dom
+    K += b * stride_kb + k_start * stride_kn + hk * stride_kh
+    V += b * stride_vb + k_start * stride_vn + hk * stride_vh
+    DK += b * stride_dkb + k_start * stride_dkn + hk * stride_dkh
+    DV += b * stride_dvb + k_start * stride_dvn + hk * stride_dvh
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < seqlen_k
     mask_d = offs_d < head_dim
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                   mask_n[:, None], mask_d[None, :], True, not EVEN_D)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   mask_n[:, None], mask_d[None, :], True, not EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -112,9 +123,9 @@ def _bwd_dkdv_kernel(
         tail_start = full_end
     for g in range(0, group):
         h = hk * group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DOut + b * stride_dob + h * stride_doh
-        bh_offset = (b * heads + h) * seqlen_q
+        q_base = Q + h * stride_qh
+        do_base = DOut + h * stride_doh
+        bh_offset = b * stride_lb + h * stride_lh + q_start
         # causal diagonal (and, when it reaches the end, the ragged last query tile)
         for start_m in range(lo, diag_end, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
@@ -130,8 +141,8 @@ def _bwd_dkdv_kernel(
                                 qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
 
     mask = mask_n[:, None] & mask_d[None, :]
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, cast(dk * softmax_scale, DK.dtype.element_ty, DOT_PRECISION), mask=mask)
     tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=mask)
 
@@ -158,34 +169,41 @@ def _dq_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ,
+    Q, K, V, DOut, Lse, Delta, DQ, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
+    q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:  # varlen: the grid covers the longest sequence
+        return
+    Q += b * stride_qb + q_start * stride_qm + h * stride_qh
+    DOut += b * stride_dob + q_start * stride_dom + h * stride_doh
+    DQ += b * stride_dqb + q_start * stride_dqm + h * stride_dqh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    do = load_tile(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = load_tile(DOut + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                    mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    lse, delta = _load_row_stats(Lse, Delta, pid_bh * seqlen_q, offs_m, seqlen_q, True)
-    k_base = K + b * stride_kb + (h // group) * stride_kh
-    v_base = V + b * stride_vb + (h // group) * stride_vh
+    lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q, True)
+    k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
@@ -198,7 +216,7 @@ def _bwd_dq_kernel(
                       stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
                       CAUSAL, True, EVEN_D, DOT_PRECISION)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -207,36 +225,46 @@ _dq = autotuned(_bwd_dq_kernel, "bwd_dq")
 _PREPROCESS_BLOCK_M = 64
 
 
-def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, dq=None, dk=None, dv=None):
+def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q: int = 0, max_seqlen_k: int = 0, dq=None, dk=None, dv=None):
     """Launch the backward kernels; returns (dq, dk, dv) shaped and typed like (q, k, v).
 
-    ``lse`` is the forward's (B, H, Sq) float32 output and must be contiguous. dq/dk/dv may be
-    passed preallocated (tests poison them to catch unwritten elements).
+    Layouts as in :func:`forward` (dense or varlen); ``lse`` is the forward's float32 output and
+    must be contiguous. dq/dk/dv may be passed preallocated (tests poison them).
     """
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    if batch * heads * head_dim == 0:
+    if q.numel() + k.numel() == 0:
         return dq, dk, dv
+    q4, k4, v4, o4, do4, dq4, dk4, dv4, l3 = (x.unsqueeze(0) if varlen else x
+                                              for x in (q, k, v, out, dout, dq, dk, dv, lse))
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+    heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
+    rows_q = q4.shape[1]  # all query rows of a batch entry (varlen: every packed row)
     block_d = head_block(head_dim)
-    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    common = dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
-    sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E, softmax_scale,
+    delta = torch.empty(out_shapes(q, varlen)[1], dtype=torch.float32, device=q.device)
+    common = dict(CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+                  DOT_PRECISION=dot_precision(q.dtype))
+    sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
              seqlen_bucket(seqlen_q, seqlen_k))
-    if seqlen_q > 0:
-        _bwd_preprocess[(triton.cdiv(seqlen_q, _PREPROCESS_BLOCK_M), batch * heads)](
-            out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, heads, head_dim,
+    tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))
+    lse_strides = strides(l3, varlen)[:2]
+    if rows_q > 0:
+        # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
+        _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
+            o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim,
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
         )
         _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
-            q, k, v, dout, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *sizes, **common,
+            q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k,
+            *tensor_strides, *strides(dq4, varlen), *lse_strides, *sizes, **common,
         )
-    if seqlen_k > 0:
+    if k4.shape[1] > 0:
         _dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
-            q, k, v, dout, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *sizes, **common,
+            q4, k4, v4, do4, lse, delta, dk4, dv4, cu_seqlens_q, cu_seqlens_k,
+            *tensor_strides, *strides(dk4, varlen), *strides(dv4, varlen), *lse_strides, *sizes, **common,
         )
     return dq, dk, dv

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, cast, mma, finish_softmax, key_range, load_tile, mask_scores, online_softmax_fold
+from .tile import LOG2E, cast, finish_softmax, key_range, load_tile, mask_scores, mma, online_softmax_fold, sequence
 
 
 @triton.jit
@@ -27,30 +27,35 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
+    q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:  # varlen: the grid covers the longest sequence
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    Q += b * stride_qb + q_start * stride_qm + h * stride_qh
+    q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    k_base = K + b * stride_kb + (h // group) * stride_kh
-    v_base = V + b * stride_vb + (h // group) * stride_vh
+    k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -66,38 +71,62 @@ def _fwd_kernel(
                                   CAUSAL, True, EVEN_D, DOT_PRECISION)
 
     out, lse = finish_softmax(m_i, l_i, acc)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    Out += b * stride_ob + q_start * stride_om + h * stride_oh
+    o_ptrs = Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=mask_m)
+    tl.store(Lse + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
 _fwd = autotuned(_fwd_kernel, "fwd")
 
 
-def forward(q, k, v, softmax_scale: float, causal: bool, out=None, lse=None):
-    """Launch the forward kernel. q (B, Sq, H, D), k/v (B, Sk, Hkv, D), any strides.
+def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q: int = 0, max_seqlen_k: int = 0, out=None, lse=None):
+    """Launch the forward kernel; any strides.
 
-    Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32 (natural log). ``out`` and
-    ``lse`` may be passed preallocated (tests poison them to catch unwritten elements).
+    Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
+    Varlen (cu_seqlens_q/k int32 (B + 1,) given): q (total_q, H, D), k/v (total_k, Hkv, D)
+    -> out (total_q, H, D), lse (H, total_q). lse is float32, natural log. ``out`` and ``lse``
+    may be passed preallocated (tests poison them to catch unwritten elements).
     """
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    out_shape, lse_shape = out_shapes(q, varlen)
     if out is None:
-        out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+    heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     block_d = head_block(head_dim)
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
     _fwd[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E,
+        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k,
+        *strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(o4, varlen),
+        *strides(l3, varlen)[:2],
+        seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         seqlen_bucket(seqlen_q, seqlen_k),
-        CAUSAL=causal, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
+        CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
+
+
+def out_shapes(q, varlen: bool):
+    """Shapes of (out, lse) for q: dense (B, Sq, H, D) or varlen (total_q, H, D)."""
+    if varlen:
+        return q.shape, (q.shape[1], q.shape[0])
+    batch, seqlen_q, heads, _ = q.shape
+    return q.shape, (batch, heads, seqlen_q)
+
+
+def strides(x, varlen: bool):
+    """x's strides, with the batch stride zeroed for packed inputs (sequences are found by
+    their row offset instead)."""
+    return (0, *x.stride()[1:]) if varlen else x.stride()

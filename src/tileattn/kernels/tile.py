@@ -11,8 +11,9 @@ with ``MASKED=False`` (no index arithmetic, no bound checks), the rest with ``MA
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr so kernels may read them; launchers use LOG2E.value
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -92,6 +93,20 @@ def finish_softmax(m_i, l_i, acc):
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     return out, lse
+
+
+@triton.jit
+def sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first query row, seqlen_q, first key row, seqlen_k) of batch entry b.
+
+    Packed (varlen) inputs are one long sequence per tensor, split by cu_seqlens; dense inputs
+    have one sequence per batch entry, addressed by the batch stride instead.
+    """
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + b)
+        k_start = tl.load(CuSeqK + b)
+        return q_start, tl.load(CuSeqQ + b + 1) - q_start, k_start, tl.load(CuSeqK + b + 1) - k_start
+    return 0, seqlen_q, 0, seqlen_k
 
 
 @triton.jit

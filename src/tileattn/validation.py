@@ -1,0 +1,114 @@
+"""Argument checks shared by the public functions: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head_dim)") -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+        if x.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if rank == 4 and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    heads, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_kv < 1 or heads < 1:
+        raise ValueError(f"q and k need at least one head, got heads={heads}, heads_kv={heads_kv}")
+    if heads % heads_kv != 0:
+        raise ValueError(
+            f"number of query heads ({heads}) must be a multiple of the number of key/value heads ({heads_kv})"
+        )
+
+
+def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> None:
+    if not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and (not isinstance(softmax_scale, Real) or not math.isfinite(softmax_scale)):
+        raise TypeError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if window_size is None or len(tuple(window_size)) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    # Not built yet: refuse rather than silently compute plain attention.
+    if dropout_p != 0.0:
+        raise NotImplementedError("dropout_p > 0 is not supported yet")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError("window_size (sliding window attention) is not supported yet")
+    if softcap != 0.0:
+        raise NotImplementedError("softcap is not supported yet")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not supported yet")
+
+
+
+
+def check_packed(name: str, x, parts: int, layout: str) -> None:
+    check_tensor(name, x)
+    if x.dim() != len(layout.split(",")) or x.shape[-3] != parts:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+
+
+def _inspectable() -> bool:
+    """False while tracing or capturing a CUDA graph, where reading tensor values would
+    synchronize or break the graph; value checks are skipped there."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q: int, total_k: int, device):
+    """cu_seqlens: int32 (batch + 1,) running totals from 0 to the packed length."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+        if cu.device != device:
+            raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+            f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+    if not _inspectable():
+        return
+    for name, cu, total, max_name, max_len in (
+        ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k),
+    ):
+        values = cu.tolist()
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        if values[0] != 0 or any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}...")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
+        if lengths and max(lengths) > max_len:
+            raise ValueError(f"{max_name}={max_len} is shorter than the longest sequence ({max(lengths)})")

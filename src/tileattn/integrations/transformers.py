@@ -1,0 +1,151 @@
+"""`attn_implementation="tileattn"` for Hugging Face transformers.
+
+Importing tileattn registers an attention function in transformers' AttentionInterface and a
+mask function in AttentionMaskInterface (without a mask function, padded batches would arrive
+with attention_mask=None). The mask function hands over the 2-D padding mask, or None when
+nothing is padded; the attention function only reshapes and routes:
+
+- cu_seq_lens_q/k + max_length_q/k given (padding-free training): varlen kernel;
+- a padding mask: the valid tokens are gathered and run through the varlen kernel, so no work
+  is spent on padding; padded query rows come back as zeros, as with flash-attn;
+- position_ids that restart inside one row (packed sequences): varlen kernel;
+- otherwise: the dense kernel. K/V arrive un-repeated for GQA and are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..api import flash_attn_func
+from ..varlen import flash_attn_varlen_func
+
+NAME = "tileattn"
+
+
+def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None,
+                  **kwargs) -> torch.Tensor | None:
+    """The (batch, kv_length) bool padding mask, or None when no token is padded."""
+    if attention_mask is None:
+        return None
+    if kv_length is not None:
+        attention_mask = attention_mask[:, -kv_length:]
+        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+            return None
+    return attention_mask.bool()
+
+
+def _unsupported(dropout, sliding_window, softcap, s_aux, kv_length: int) -> str | None:
+    if dropout:
+        return (f"attention dropout (dropout={dropout} while training); set config.attention_dropout=0.0 "
+                "or use attn_implementation='sdpa'")
+    if softcap:
+        return f"attention logit softcapping (softcap={softcap})"
+    if s_aux is not None:
+        return "attention sinks (s_aux)"
+    if sliding_window is not None and kv_length > sliding_window:
+        # shorter sequences never reach the window edge, so the window changes nothing there
+        return f"sliding-window attention over {kv_length} keys (window {sliding_window})"
+    return None
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _unpad(x: torch.Tensor, mask: torch.Tensor):
+    """Gather the rows of x (B, S, H, D) where mask (B, S) is True -> (nnz, H, D), indices, cu."""
+    indices = mask.flatten().nonzero().flatten()
+    lengths = mask.sum(-1, dtype=torch.int32)
+    return x.reshape(-1, *x.shape[2:])[indices], indices, _cu_seqlens(lengths), int(lengths.max())
+
+
+def _padded(q, k, v, mask, scale, causal):
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    mask_q = mask[:, -seqlen_q:]  # queries are the newest tokens
+    if mask.shape[1] < seqlen_k:  # a static cache: slots past the mask are not filled yet
+        mask = F.pad(mask, (0, seqlen_k - mask.shape[1]), value=False)
+    mask = mask[:, -seqlen_k:]
+    q_unpad, idx_q, cu_q, max_q = _unpad(q, mask_q)
+    k_unpad, idx_k, cu_k, max_k = _unpad(k, mask)
+    v_unpad = v.reshape(-1, *v.shape[2:])[idx_k]
+    out_unpad = flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k,
+                                       softmax_scale=scale, causal=causal)
+    out = q.new_zeros(batch * seqlen_q, heads, head_dim)
+    out[idx_q] = out_unpad
+    return out.view(batch, seqlen_q, heads, head_dim)
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: int, seqlen_k: int):
+    """cu_seqlens when one row holds several sequences (position ids restart at 0), else None."""
+    if position_ids is None or batch != 1 or seqlen_q != seqlen_k or seqlen_q < 2:
+        return None
+    pos = position_ids.reshape(-1)
+    if pos.shape[0] != seqlen_q:
+        return None
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    return torch.cat([starts, starts.new_tensor([seqlen_q])]).to(torch.int32)
+
+
+def tileattn_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention contract: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) with the
+    cache already updated; returns (out (B, Sq, H, D), None)."""
+    problem = _unsupported(dropout, sliding_window, softcap, s_aux, key.shape[2])
+    if problem:
+        raise NotImplementedError(f"tileattn does not support {problem} yet")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"tileattn expects the 2-D padding mask made by its registered mask function, got shape "
+            f"{tuple(attention_mask.shape)}; this model builds its own masks, use attn_implementation='sdpa'"
+        )
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D) views, no copies
+    v_head_dim = v.shape[-1]
+    if v_head_dim != q.shape[-1]:  # e.g. MLA: pad V to the QK head dim, slice the output back
+        v = F.pad(v, (0, q.shape[-1] - v_head_dim))
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    batch, seqlen_q = q.shape[:2]
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is None and attention_mask is None:
+        cu_q = cu_k = _packed_cu_seqlens(kwargs.get("position_ids"), batch, seqlen_q, k.shape[1])
+        if cu_q is not None:
+            max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        out = flash_attn_varlen_func(
+            q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+            cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), softmax_scale=scaling, causal=causal,
+        ).view(batch, seqlen_q, *q.shape[2:])
+    elif attention_mask is not None:
+        out = _padded(q, k, v, attention_mask, scaling, causal)
+    else:
+        out = flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal)
+    return out[..., :v_head_dim], None
+
+
+def register() -> bool:
+    """Register "tileattn" with transformers; False when transformers is not installed."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(NAME, tileattn_attention_forward)
+    AttentionMaskInterface.register(NAME, tileattn_mask)
+    return True

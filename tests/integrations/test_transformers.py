@@ -1,0 +1,141 @@
+"""attn_implementation="tileattn" against transformers' own eager attention on tiny random models."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tileattn  # noqa: E402,F401  (registers "tileattn")
+from tileattn.integrations.transformers import tileattn_mask  # noqa: E402
+
+CONFIGS = {
+    # Phi-2's attention shape: head dim 80, partial rotary applied before attention
+    "phi": lambda: transformers.PhiConfig(
+        vocab_size=96, hidden_size=160, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        partial_rotary_factor=0.4, max_position_embeddings=128,
+    ),
+    # GQA: K/V reach the attention function un-repeated
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    # sliding window larger than these sequences: must pass through unchanged
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, use_sliding_window=True, sliding_window=64, max_window_layers=0,
+        max_position_embeddings=128,
+    ),
+}
+
+
+def _model(name, attn_implementation, **overrides):
+    # a fresh config each time: from_config writes the implementation into the config it is given
+    config = CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    assert model.config._attn_implementation == attn_implementation
+    return model
+
+
+def _models(name, **overrides):
+    """The same random weights under tileattn and eager attention, float32, eval mode."""
+    torch.manual_seed(0)
+    ours = _model(name, "tileattn", **overrides)
+    eager = _model(name, "eager", **overrides)
+    eager.load_state_dict(ours.state_dict())
+    assert ours.config._attn_implementation == "tileattn"
+    return ours, eager
+
+
+def _batch(padding_side):
+    ids = torch.randint(1, 96, (3, 14))
+    mask = torch.ones_like(ids)
+    if padding_side == "left":
+        mask[0, :5] = 0
+        mask[2, :1] = 0
+    else:
+        mask[0, 9:] = 0
+        mask[1, 13:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padded_logits_match_eager(backend, name, padding_side):
+    ours, eager = _models(name)
+    ids, mask = _batch(padding_side)
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask).logits
+        want = eager(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_generation_matches_eager(name):
+    ours, eager = _models(name)
+    ids, mask = _batch("left")  # padded prefill, then padded decode steps through the cache
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    got = ours.generate(ids, **kwargs)
+    want = eager.generate(ids, **kwargs)
+    assert got.shape[1] == ids.shape[1] + 20
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["phi", "llama"])
+def test_training_step_gradients_match_eager(backend, name):
+    ours, eager = _models(name)
+    ids, mask = _batch("right")
+    grads = []
+    for model in (ours, eager):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_packed_sequences_match_separate_runs(backend):
+    ours, _ = _models("llama")
+    a, b = torch.randint(1, 96, (1, 9)), torch.randint(1, 96, (1, 6))
+    packed = torch.cat([a, b], dim=1)
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    cu = torch.tensor([0, 9, 15], dtype=torch.int32)
+    with torch.no_grad():
+        separate = torch.cat([ours(input_ids=a).logits, ours(input_ids=b).logits], dim=1)
+        by_positions = ours(input_ids=packed, position_ids=position_ids).logits
+        by_cu_seqlens = ours(input_ids=packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                             max_length_q=9, max_length_k=9).logits
+    torch.testing.assert_close(by_positions, separate, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(by_cu_seqlens, separate, atol=2e-5, rtol=2e-5)
+
+
+def test_mask_function_returns_none_without_padding():
+    assert tileattn_mask(2, attention_mask=torch.ones(2, 5, dtype=torch.bool), kv_length=5) is None
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(tileattn_mask(2, attention_mask=mask, kv_length=3), mask)
+
+
+def test_sliding_window_shorter_than_sequence_is_refused():
+    ours, _ = _models("qwen2", sliding_window=8)
+    with pytest.raises(NotImplementedError, match=r"sliding-window attention over 14 keys \(window 8\)"):
+        ours(input_ids=torch.randint(1, 96, (1, 14)))
+
+
+def test_softcap_is_refused_at_first_call():
+    config = transformers.Gemma2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=64,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="tileattn").eval()
+    with pytest.raises(NotImplementedError, match=r"softcapping \(softcap=50.0\)"):
+        model(input_ids=torch.randint(1, 96, (1, 5)))
+
+
+def test_dropout_while_training_is_refused():
+    ours, _ = _models("llama", attention_dropout=0.1)
+    ours.train()
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        ours(input_ids=torch.randint(1, 96, (1, 5)))

@@ -1,4 +1,4 @@
-"""The `tileattn` command: `tileattn bench` (more subcommands live beside it)."""
+"""The `tileattn` command: `tileattn generate` and `tileattn bench`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, generate
 
     parser = argparse.ArgumentParser(prog="tileattn", description="FlashAttention-2 in Triton.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="greedy completion with a transformers model under tileattn",
+                       description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
     p = sub.add_parser("bench", help="accuracy, speed and memory against the other attention backends",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)

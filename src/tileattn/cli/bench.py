@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlens", type=int, nargs="+", help="speed-grid sequence lengths (default 512..16k on GPU)")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="speed-grid head dims")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="speed-grid dtype")
+    p.add_argument("--check-filter", default="", help="run only accuracy cases whose name contains this text")
+    p.add_argument("--generation", action="store_true",
+                   help="also time generation with the Phi-2 architecture (random bf16 weights): "
+                        "tileattn vs sdpa vs eager")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384],
+                   help="prompt lengths for --generation")
+    p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
 
 
@@ -187,7 +194,7 @@ def peak_memory(device, dtype, seqlens, log, head_dim=80, heads=32) -> list[tupl
 # ----------------------------------------------------------------------------- accuracy
 
 
-def accuracy_matrix(device, log) -> bool:
+def accuracy_matrix(device, log, only: str = "") -> bool:
     """The 2x-PyTorch-error rule (tileattn.testing) at real sizes, every head dim we claim."""
     cases = []
     for head_dim in (16, 32, 64, 80, 96, 128, 256):
@@ -201,6 +208,8 @@ def accuracy_matrix(device, log) -> bool:
         for causal in (False, True):
             q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
             name = f"B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}"
+            if only not in name:
+                continue
             try:
                 checks = check_attention(flash_attn_func, q, k, v, causal=causal)
             except Exception as e:
@@ -216,10 +225,51 @@ def accuracy_matrix(device, log) -> bool:
     return ok
 
 
+# ----------------------------------------------------------------------------- generation
+
+
+def phi2_config():
+    """microsoft/phi-2's architecture: hidden 2560, 32 layers, 32 heads of dim 80, partial rotary 0.4."""
+    import transformers
+
+    return transformers.PhiConfig(
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, partial_rotary_factor=0.4, max_position_embeddings=32768, rope_theta=10000.0,
+        layer_norm_eps=1e-5, resid_pdrop=0.1, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+    )
+
+
+def generation_bench(device, prompt_lengths, new_tokens, log) -> list[tuple]:
+    """Prefill and decode speed and peak memory of transformers' generate under each attention."""
+    import transformers
+
+    from .generate import timed_generate
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16).eval()
+    rows = []
+    for attn in ("tileattn", "sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        timed_generate(model, torch.randint(0, 51200, (1, 64), device=device), 4, device)  # warm-up
+        for n in prompt_lengths:
+            ids = torch.randint(0, 51200, (1, n), device=device)
+            try:
+                r = timed_generate(model, ids, new_tokens, device)
+                row = (n, attn, n / r.prefill_s, r.decode_tok_s, r.peak_mib / 1024)
+            except torch.OutOfMemoryError:
+                row = (n, attn, None, None, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            log(f"prompt {n} {attn}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, peak {_fmt(row[4])} GiB")
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok) -> str:
+def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -243,6 +293,11 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok) -> str
         lines += ["Peak memory, forward + backward, batch 1, 32 heads, head dim 80, causal (MiB):", "",
                   "| seqlen | standard attention (sdpa-math) | tileattn |", "|---|---|---|"]
         lines += [f"| {s} | {_fmt(a)} | {_fmt(b)} |" for s, a, b in memory_rows]
+        lines.append("")
+    if generation_rows:
+        lines += ["Generation, Phi-2 architecture (2.7B, head dim 80), random weights, batch 1, greedy:", "",
+                  "| prompt | attention | prefill tok/s | decode tok/s | peak GiB |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {attn} | {_fmt(p)} | {_fmt(d)} | {_fmt(m)} |" for n, attn, p, d, m in generation_rows]
         lines.append("")
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
@@ -323,7 +378,7 @@ def run(args) -> int:
     accuracy_ok = None
     if args.check:
         log("== accuracy (2x PyTorch's own error vs the fp64 oracle)")
-        accuracy_ok = accuracy_matrix(device, log) if gpu else None
+        accuracy_ok = accuracy_matrix(device, log, args.check_filter) if gpu else None
         if not gpu:
             log("   skipped: the CPU accuracy matrix is the test suite (pytest)")
     cells = []
@@ -335,7 +390,11 @@ def run(args) -> int:
     if gpu and not args.no_memory:
         log("== peak memory")
         memory_rows = peak_memory(device, dtype, [1024, 2048, 4096, 8192, 16384], log)
-    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok)
+    generation_rows = []
+    if args.generation:
+        log("== generation, Phi-2 architecture, random weights, batch 1")
+        generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log)
+    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

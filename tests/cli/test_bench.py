@@ -1,4 +1,6 @@
-"""`tileattn bench` on CPU: it runs, checks the other backends agree, and writes its report."""
+"""`tileattn bench`: it runs, the other backends agree with tileattn, and it writes its report."""
+
+import torch
 
 from tileattn.cli import main
 from tileattn.cli.bench import attention_flops
@@ -17,4 +19,5 @@ def test_bench_writes_table_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "maxdiff" in out
     diffs = [float(line.rsplit("maxdiff", 1)[1]) for line in out.splitlines() if "maxdiff" in line]
-    assert diffs and max(diffs) < 1e-4  # tileattn agrees with sdpa-math
+    # the CPU runs fp32 against sdpa-math; the GPU runs bf16 against sdpa-flash
+    assert diffs and max(diffs) < (5e-2 if torch.cuda.is_available() else 1e-4)

@@ -160,7 +160,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_is_rejected_with_a_clear_message(case):
     over, exc, message = BAD_INPUTS[case]
-    args = _qkv(**over)
+    args = _qkv(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
     with pytest.raises(exc, match=message):
         flash_attn_func(**args)
 

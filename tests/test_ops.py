@@ -29,7 +29,7 @@ def test_compile_fullgraph(backend):
         return (tileattn.flash_attn_func(q @ w, k, v, causal=True) * 2).sum()
 
     q, k, v = make_qkv(1, 33, 33, 2, 1, 16)
-    w = torch.randn(16, 16, requires_grad=True)
+    w = torch.randn(16, 16, device=q.device, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     loss = compiled(q, k, v, w)
     (grad,) = torch.autograd.grad(loss, w)

@@ -66,9 +66,9 @@ def test_packed_variants_match(backend):
 
 
 def _args(**over):
-    q = torch.randn(10, 2, 8)
+    q = torch.randn(10, 2, 8, device=DEVICE)
     args = dict(q=q, k=q, v=q, cu_seqlens_q=_cu([4, 6]), cu_seqlens_k=_cu([4, 6]), max_seqlen_q=6, max_seqlen_k=6)
-    args.update(over)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
     return args
 
 

@@ -6,7 +6,7 @@ import torch
 from tileattn import kernels
 from tileattn.reference import attention_ref
 
-from ..helpers import make_qkv, shape_id
+from ..helpers import DEVICE, make_qkv, shape_id
 
 SHAPES = [
     (1, 1, 1, 1, 1, 16),
@@ -36,10 +36,10 @@ def test_backward_writes_every_element(shape, causal):
 
 def test_varlen_backward_writes_every_element():
     lq, lk = [3, 0, 40], [9, 5, 33]  # the middle sequence has keys but no queries
-    cu_q = torch.tensor([0, 3, 3, 43], dtype=torch.int32)
-    cu_k = torch.tensor([0, 9, 14, 47], dtype=torch.int32)
-    q = torch.randn(sum(lq), 2, 24)
-    k, v = torch.randn(sum(lk), 1, 24), torch.randn(sum(lk), 1, 24)
+    cu_q = torch.tensor([0, 3, 3, 43], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 14, 47], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lq), 2, 24, device=DEVICE)
+    k, v = (torch.randn(sum(lk), 1, 24, device=DEVICE) for _ in range(2))
     out, lse = kernels.forward(q, k, v, 0.2, True, cu_q, cu_k, 40, 33)
     grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
     kernels.backward(torch.randn_like(out), q, k, v, out, lse, 0.2, True, cu_q, cu_k, 40, 33,

@@ -6,7 +6,7 @@ import torch
 from tileattn import kernels
 from tileattn.reference import attention_ref
 
-from ..helpers import make_qkv, shape_id
+from ..helpers import DEVICE, make_qkv, shape_id
 
 SHAPES = [
     (1, 1, 1, 1, 1, 16),
@@ -21,8 +21,8 @@ SHAPES = [
 def test_forward_writes_every_element(shape, causal):
     batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
     q, k, v = make_qkv(*shape)
-    out = torch.full((batch, seqlen_q, heads, head_dim), float("nan"))
-    lse = torch.full((batch, heads, seqlen_q), float("nan"))
+    out = torch.full((batch, seqlen_q, heads, head_dim), float("nan"), device=DEVICE)
+    lse = torch.full((batch, heads, seqlen_q), float("nan"), device=DEVICE)
     kernels.forward(q, k, v, head_dim**-0.5, causal, out=out, lse=lse)
     ref_out, ref_lse = attention_ref(q, k, v, causal=causal)
     assert not out.isnan().any() and not lse.isnan().any()
@@ -31,11 +31,11 @@ def test_forward_writes_every_element(shape, causal):
 
 
 def test_varlen_forward_writes_every_element():
-    cu_q = torch.tensor([0, 1, 1, 70], dtype=torch.int32)
-    cu_k = torch.tensor([0, 5, 5, 36], dtype=torch.int32)  # middle: no queries, no keys
-    q, k, v = torch.randn(70, 3, 20), torch.randn(36, 3, 20), torch.randn(36, 3, 20)
+    cu_q = torch.tensor([0, 1, 1, 70], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 5, 5, 36], dtype=torch.int32, device=DEVICE)  # middle: no queries, no keys
+    q, k, v = (torch.randn(n, 3, 20, device=DEVICE) for n in (70, 36, 36))
     out = torch.full_like(q, float("nan"))
-    lse = torch.full((3, 70), float("nan"))
+    lse = torch.full((3, 70), float("nan"), device=DEVICE)
     kernels.forward(q, k, v, 0.2, True, cu_q, cu_k, 69, 31, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
     # causal with Sq=69 > Sk=31: the third sequence's first 38 queries see no key

@@ -8,6 +8,8 @@ transformers = pytest.importorskip("transformers")
 import tileattn  # noqa: E402,F401  (registers "tileattn")
 from tileattn.integrations.transformers import tileattn_mask  # noqa: E402
 
+from ..helpers import DEVICE  # noqa: E402
+
 CONFIGS = {
     # Phi-2's attention shape: head dim 80, partial rotary applied before attention
     "phi": lambda: transformers.PhiConfig(
@@ -33,9 +35,9 @@ def _model(name, attn_implementation, **overrides):
     config = CONFIGS[name]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     assert model.config._attn_implementation == attn_implementation
-    return model
+    return model.to(DEVICE).eval()
 
 
 def _models(name, **overrides):
@@ -49,7 +51,7 @@ def _models(name, **overrides):
 
 
 def _batch(padding_side):
-    ids = torch.randint(1, 96, (3, 14))
+    ids = torch.randint(1, 96, (3, 14), device=DEVICE)
     mask = torch.ones_like(ids)
     if padding_side == "left":
         mask[0, :5] = 0
@@ -99,10 +101,10 @@ def test_training_step_gradients_match_eager(backend, name):
 
 def test_packed_sequences_match_separate_runs(backend):
     ours, _ = _models("llama")
-    a, b = torch.randint(1, 96, (1, 9)), torch.randint(1, 96, (1, 6))
+    a, b = torch.randint(1, 96, (1, 9), device=DEVICE), torch.randint(1, 96, (1, 6), device=DEVICE)
     packed = torch.cat([a, b], dim=1)
-    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
-    cu = torch.tensor([0, 9, 15], dtype=torch.int32)
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None].to(DEVICE)
+    cu = torch.tensor([0, 9, 15], dtype=torch.int32, device=DEVICE)
     with torch.no_grad():
         separate = torch.cat([ours(input_ids=a).logits, ours(input_ids=b).logits], dim=1)
         by_positions = ours(input_ids=packed, position_ids=position_ids).logits
@@ -121,7 +123,7 @@ def test_mask_function_returns_none_without_padding():
 def test_sliding_window_shorter_than_sequence_is_refused():
     ours, _ = _models("qwen2", sliding_window=8)
     with pytest.raises(NotImplementedError, match=r"sliding-window attention over 14 keys \(window 8\)"):
-        ours(input_ids=torch.randint(1, 96, (1, 14)))
+        ours(input_ids=torch.randint(1, 96, (1, 14), device=DEVICE))
 
 
 def test_softcap_is_refused_at_first_call():
@@ -129,13 +131,13 @@ def test_softcap_is_refused_at_first_call():
         vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=64,
     )
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="tileattn").eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="tileattn").to(DEVICE).eval()
     with pytest.raises(NotImplementedError, match=r"softcapping \(softcap=50.0\)"):
-        model(input_ids=torch.randint(1, 96, (1, 5)))
+        model(input_ids=torch.randint(1, 96, (1, 5), device=DEVICE))
 
 
 def test_dropout_while_training_is_refused():
     ours, _ = _models("llama", attention_dropout=0.1)
     ours.train()
     with pytest.raises(NotImplementedError, match="attention dropout"):
-        ours(input_ids=torch.randint(1, 96, (1, 5)))
+        ours(input_ids=torch.randint(1, 96, (1, 5), device=DEVICE))

@@ -15,7 +15,8 @@ def test_opcheck_forward_and_backward(backend, causal):
     torch.library.opcheck(ops.fwd, (q, k, v, None, None, 0, 0, 0.25, causal, False))
     out, lse = ops.fwd(q, k, v, None, None, 0, 0, 0.25, causal, False)
     dout = torch.randn_like(out)
-    torch.library.opcheck(ops.bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, 0, 0, 0.25, causal, False))
+    detached = [x.detach() for x in (q, k, v, out)]
+    torch.library.opcheck(ops.bwd, (dout, *detached, lse, None, None, 0, 0, 0.25, causal, False))
 
 
 def test_lse_carries_no_gradient(backend):

@@ -9,6 +9,7 @@ import torch
 from . import ops
 from .validation import check_features, check_packed, check_qkv
 
+
 def flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,

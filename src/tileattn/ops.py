@@ -10,7 +10,6 @@ import torch
 
 from .backend import get_backend
 
-
 # Dense inputs are (B, S, H, D) with cu_seqlens None; packed (varlen) inputs are (total, H, D)
 # split by int32 cu_seqlens, with max_seqlen the longest sequence. One op pair serves both.
 

@@ -51,8 +51,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o, l = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal)
-        out[qs:qe], lse[:, qs:qe] = o[0], l[0]
+        o, row_lse = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal)
+        out[qs:qe], lse[:, qs:qe] = o[0], row_lse[0]
     return out, lse
 
 
@@ -77,7 +77,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool):
     kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
     vf = v.float().permute(0, 2, 1, 3)
     m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
-    l = torch.zeros_like(m)
+    row_sum = torch.zeros_like(m)
     acc = torch.zeros_like(qf)
     for n0 in range(0, seqlen_k, BLOCK_K):
         s = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal)
@@ -86,12 +86,12 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool):
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
-        l = l * alpha + p.sum(-1)
+        row_sum = row_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + BLOCK_K])
         m = m_new
-    empty = l == 0
-    out = acc / torch.where(empty, 1.0, l)[..., None]
-    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
+    empty = row_sum == 0
+    out = acc / torch.where(empty, 1.0, row_sum)[..., None]
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, row_sum)))
     return _merge_heads(out).to(q.dtype), lse.reshape(b, heads, seqlen_q)
 
 

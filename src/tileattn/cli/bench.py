@@ -132,7 +132,7 @@ def speed_grid(device, dtype, seqlens, head_dims, log) -> list[Cell]:
                         out = fn(q, k, v, causal)
                         outs[name] = out.detach()
                         fwd_ms = _bench(lambda: fn(q, k, v, causal), device)
-                        bwd_ms = _bench(lambda: out.backward(dout, retain_graph=True), device, (q, k, v))
+                        bwd_ms = _bench(lambda o=out: o.backward(dout, retain_graph=True), device, (q, k, v))
                         cell.tflops[(name, "fwd")] = flops / fwd_ms / 1e9
                         cell.tflops[(name, "bwd")] = 2.5 * flops / bwd_ms / 1e9
                     except Exception as e:  # OOM for standard attention, unsupported shapes
@@ -140,8 +140,7 @@ def speed_grid(device, dtype, seqlens, head_dims, log) -> list[Cell]:
                         log(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                     finally:
                         q.grad = k.grad = v.grad = None
-                        with contextlib.suppress(NameError):
-                            del out
+                        out = None  # free the autograd graph before the next backend
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                 others = [n for n in outs if n != "tileattn"]
@@ -206,7 +205,8 @@ def accuracy_matrix(device, log, only: str = "") -> bool:
     ok = True
     for batch, sq, sk, h, hk, d, dtype in cases:
         for causal in (False, True):
-            q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+            q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype)
+                       for s, n in ((sq, h), (sk, hk), (sk, hk)))
             name = f"B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}"
             if only not in name:
                 continue
@@ -264,7 +264,8 @@ def generation_bench(device, prompt_lengths, new_tokens, log) -> list[tuple]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
-            log(f"prompt {n} {attn}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, peak {_fmt(row[4])} GiB")
+            log(f"prompt {n} {attn}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, "
+                f"peak {_fmt(row[4])} GiB")
     return rows
 
 

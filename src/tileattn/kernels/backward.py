@@ -217,7 +217,8 @@ def _bwd_dq_kernel(
                       CAUSAL, True, EVEN_D, DOT_PRECISION)
 
     dq_ptrs = DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
+             mask=mask_m[:, None] & mask_d[None, :])
 
 
 _dkdv = autotuned(_bwd_dkdv_kernel, "bwd_dkdv")

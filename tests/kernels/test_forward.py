@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tileattn import kernels
+from tileattn.kernels.forward import check_offsets
 from tileattn.reference import attention_ref
 
 from ..helpers import DEVICE, make_qkv, shape_id
@@ -41,3 +42,13 @@ def test_varlen_forward_writes_every_element():
     # causal with Sq=69 > Sk=31: the third sequence's first 38 queries see no key
     assert torch.equal(out[1:39], torch.zeros_like(out[1:39]))
     assert (lse[:, 1:39] == float("-inf")).all()
+
+
+def test_sequences_beyond_32_bit_offsets_are_refused():
+    # meta tensors carry shapes and strides without memory
+    q = torch.empty_strided((1, 2**20, 64, 64), (0, 4096, 64, 1), device="meta")  # 2**32 elements in one sequence
+    with pytest.raises(ValueError, match="q: a sequence of 1048576 rows .* more than 32-bit offsets"):
+        kernels.forward(q, q, q, 0.125, True)
+    # 2**32 elements across the batch is fine: batch offsets are 64-bit
+    batch = torch.empty_strided((64, 1024, 64, 64), (2**22, 4096, 64, 1), device="meta")
+    check_offsets(1024, q=batch)

@@ -269,6 +269,25 @@ def generation_bench(device, prompt_lengths, new_tokens, log) -> list[tuple]:
     return rows
 
 
+def large_batch_check(device, log) -> bool:
+    """A batch whose tensors pass 2**31 elements (64-bit batch offsets): the last entry must
+    match the same entry run alone, forward and backward."""
+    batch, seqlen, heads, head_dim = 68, 8192, 32, 128  # 2.28e9 elements per tensor
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    last = [x[-1:].detach().clone().requires_grad_() for x in (q, k, v)]
+    solo = flash_attn_func(*last, causal=True)
+    solo.backward(dout[-1:])
+    pairs = [(out[-1:], solo)] + [(x.grad[-1:], s.grad) for x, s in zip((q, k, v), last)]
+    ok = all(torch.equal(a, b) for a, b in pairs)
+    log(f"{'ok  ' if ok else 'FAIL'} B{batch} S{seqlen} H{heads} D{head_dim} bfloat16 causal, "
+        f"{q.numel():.2e} elements: last batch entry bit-identical to running it alone (out, dq, dk, dv)")
+    return ok
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -382,6 +401,8 @@ def run(args) -> int:
     if args.check:
         log("== accuracy (2x PyTorch's own error vs the fp64 oracle)")
         accuracy_ok = accuracy_matrix(device, log, args.check_filter) if gpu else None
+        if gpu and args.check_filter in "int64 offsets":
+            accuracy_ok &= large_batch_check(device, log)
         if not gpu:
             log("   skipped: the CPU accuracy matrix is the test suite (pytest)")
     cells = []

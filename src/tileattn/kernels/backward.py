@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .forward import out_shapes, strides
+from .forward import check_offsets, out_shapes, strides
 from .tile import LOG2E, cast, key_range, load_tile, mask_scores, mma, query_range, sequence
 
 
@@ -23,10 +23,11 @@ def _bwd_preprocess(
     seqlen_q, heads, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: varlen runs every packed row here as one sequence
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
+    b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
+    h = (pid_bh % heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seqlen_q)[:, None] & (offs_d < head_dim)[None, :]
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -91,8 +92,8 @@ def _bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
     heads_kv = heads // group
-    b = pid_bhk // heads_kv
-    hk = pid_bhk % heads_kv
+    b = (pid_bhk // heads_kv).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
+    hk = (pid_bhk % heads_kv).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
     if start_n >= seqlen_k:  # varlen: the grid covers the longest sequence
         return
@@ -183,8 +184,8 @@ def _bwd_dq_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
+    b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
+    h = (pid_bh % heads).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # varlen: the grid covers the longest sequence
         return
@@ -245,6 +246,8 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     rows_q = q4.shape[1]  # all query rows of a batch entry (varlen: every packed row)
+    check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4)
+    check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     block_d = head_block(head_dim)
     delta = torch.empty(out_shapes(q, varlen)[1], dtype=torch.float32, device=q.device)
     common = dict(CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,

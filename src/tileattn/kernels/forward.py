@@ -40,8 +40,8 @@ def _fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
+    b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
+    h = (pid_bh % heads).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # varlen: the grid covers the longest sequence
         return
@@ -101,6 +101,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
+    check_offsets(seqlen_q, q=q4, out=o4)
+    check_offsets(seqlen_k, k=k4, v=v4)
     block_d = head_block(head_dim)
 
     def grid(meta):
@@ -124,6 +126,18 @@ def out_shapes(q, varlen: bool):
         return q.shape, (q.shape[1], q.shape[0])
     batch, seqlen_q, heads, _ = q.shape
     return q.shape, (batch, heads, seqlen_q)
+
+
+def check_offsets(seqlen: int, **tensors) -> None:
+    """Kernels address batch entries, heads and sequence starts with 64-bit offsets but rows and
+    columns inside one sequence with 32-bit ones; refuse what those cannot reach."""
+    for name, x in tensors.items():  # (batch, rows, heads, dim)
+        extent = seqlen * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3))
+        if extent >= 2**31:
+            raise ValueError(
+                f"{name}: a sequence of {seqlen} rows with row stride {x.stride(1)} spans {extent} elements, "
+                "more than 32-bit offsets inside one sequence reach; split the sequence (e.g. ring attention)"
+            )
 
 
 def strides(x, varlen: bool):

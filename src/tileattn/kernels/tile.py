@@ -105,7 +105,10 @@ def sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     if VARLEN:
         q_start = tl.load(CuSeqQ + b)
         k_start = tl.load(CuSeqK + b)
-        return q_start, tl.load(CuSeqQ + b + 1) - q_start, k_start, tl.load(CuSeqK + b + 1) - k_start
+        q_len = tl.load(CuSeqQ + b + 1) - q_start
+        k_len = tl.load(CuSeqK + b + 1) - k_start
+        # int64: row offsets into a packed tensor can pass 2**31 elements
+        return q_start.to(tl.int64), q_len, k_start.to(tl.int64), k_len
     return 0, seqlen_q, 0, seqlen_k
 
 

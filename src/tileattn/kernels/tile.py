@@ -102,14 +102,19 @@ def sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     Packed (varlen) inputs are one long sequence per tensor, split by cu_seqlens; dense inputs
     have one sequence per batch entry, addressed by the batch stride instead.
     """
+    # one return after a constexpr if/else: the compiler type-checks every return statement
     if VARLEN:
         q_start = tl.load(CuSeqQ + b)
         k_start = tl.load(CuSeqK + b)
-        q_len = tl.load(CuSeqQ + b + 1) - q_start
-        k_len = tl.load(CuSeqK + b + 1) - k_start
+        seqlen_q = tl.load(CuSeqQ + b + 1) - q_start
+        seqlen_k = tl.load(CuSeqK + b + 1) - k_start
         # int64: row offsets into a packed tensor can pass 2**31 elements
-        return q_start.to(tl.int64), q_len, k_start.to(tl.int64), k_len
-    return 0, seqlen_q, 0, seqlen_k
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = 0
+        k_start = 0
+    return q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit

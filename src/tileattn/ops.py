@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import get_backend
+from .layout import lse_shape
 
 # Dense inputs are (B, S, H, D) with cu_seqlens None; packed (varlen) inputs are (total, H, D)
 # split by int32 cu_seqlens, with max_seqlen the longest sequence. One op pair serves both.
@@ -36,11 +37,7 @@ def fwd(
 
 @fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic):
-    if cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 @torch.library.custom_op("tileattn::bwd", mutates_args=())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import lse_shape
+
 BLOCK_K = 256
 
 
@@ -49,7 +51,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     if cu_seqlens_q is None:
         return _dense_forward(q, k, v, softmax_scale, causal)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(q, varlen=True), dtype=torch.float32, device=q.device)
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
         o, row_lse = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal)
         out[qs:qe], lse[:, qs:qe] = o[0], row_lse[0]

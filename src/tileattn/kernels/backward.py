@@ -10,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .forward import check_offsets, out_shapes, strides
+from .forward import check_offsets, strides
 from .tile import LOG2E, cast, key_range, load_tile, mask_scores, mma, query_range, sequence
 
 
@@ -249,7 +250,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4)
     check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     block_d = head_block(head_dim)
-    delta = torch.empty(out_shapes(q, varlen)[1], dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     common = dict(CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
                   DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
 from .tile import LOG2E, cast, finish_softmax, key_range, load_tile, mask_scores, mma, online_softmax_fold, sequence
 
@@ -90,11 +91,10 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     may be passed preallocated (tests poison them to catch unwritten elements).
     """
     varlen = cu_seqlens_q is not None
-    out_shape, lse_shape = out_shapes(q, varlen)
     if out is None:
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))
@@ -118,14 +118,6 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
-
-
-def out_shapes(q, varlen: bool):
-    """Shapes of (out, lse) for q: dense (B, Sq, H, D) or varlen (total_q, H, D)."""
-    if varlen:
-        return q.shape, (q.shape[1], q.shape[0])
-    batch, seqlen_q, heads, _ = q.shape
-    return q.shape, (batch, heads, seqlen_q)
 
 
 def check_offsets(seqlen: int, **tensors) -> None:

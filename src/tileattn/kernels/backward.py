@@ -128,6 +128,12 @@ def _bwd_dkdv_kernel(
         q_base = Q + h * stride_qh
         do_base = DOut + h * stride_doh
         bh_offset = b * stride_lb + h * stride_lh + q_start
+        if DOT_PRECISION == "ieee":
+            # fp32: sum each head's contribution on its own, then across the group, as the
+            # reference does; one running sum over group * seqlen_q products loses ~2x accuracy
+            dk_total, dv_total = dk, dv
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # causal diagonal (and, when it reaches the end, the ragged last query tile)
         for start_m in range(lo, diag_end, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
@@ -141,6 +147,9 @@ def _bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
                                 qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
+        if DOT_PRECISION == "ieee":
+            dk = dk_total + dk
+            dv = dv_total + dv
 
     mask = mask_n[:, None] & mask_d[None, :]
     dk_ptrs = DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd

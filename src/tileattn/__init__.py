@@ -6,6 +6,7 @@
 
 from .api import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .integrations.transformers import register as _register_with_transformers
+from .kvcache import flash_attn_with_kvcache
 from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
 _register_with_transformers()  # attn_implementation="tileattn", when transformers is installed
@@ -18,5 +19,6 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "__version__",
 ]

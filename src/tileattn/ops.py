@@ -83,3 +83,27 @@ def _backward(ctx, dout, dlse):
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("tileattn::fwd_kvcache", mutates_args=())
+def fwd_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    softmax_scale: float,
+    causal: bool,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Sq, H, D) over a KV cache (keys [leftpad, seqlens_k) per sequence):
+    (out like q, lse (B, H, Sq) float32). Forward only, as in flash-attn."""
+    return get_backend(q.device).decode(q, k_cache, v_cache, seqlens_k, softmax_scale, causal, cache_batch_idx,
+                                        cache_leftpad, block_table, num_splits)
+
+
+@fwd_kvcache.register_fake
+def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits):
+    return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)

@@ -28,12 +28,20 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
-def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal):
-    """Scaled scores of all queries against keys [n0, n0 + chunk), masked to -inf."""
+def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None):
+    """Scaled scores of all queries against keys [n0, n0 + chunk), masked to -inf.
+
+    bounds: optional (k_lo, k_hi), int tensors (B,): batch entry b sees keys [k_lo, k_hi) only
+    and its causal diagonal is aligned to k_hi (a KV cache's per-sequence fill)."""
     s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk) * scale
-    if causal:
-        i = torch.arange(seqlen_q, device=q.device)[:, None]
-        j = torch.arange(n0, n0 + k_chunk.shape[2], device=q.device)[None, :]
+    i = torch.arange(seqlen_q, device=q.device)[:, None]
+    j = torch.arange(n0, n0 + k_chunk.shape[2], device=q.device)[None, :]
+    if bounds is not None:
+        k_lo, k_hi = (x.view(-1, 1, 1, 1, 1) for x in bounds)
+        s = s.masked_fill((j < k_lo) | (j >= k_hi), float("-inf"))
+        if causal:
+            s = s.masked_fill(j > i + (k_hi - seqlen_q), float("-inf"))
+    elif causal:
         s = s.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
     return s
 
@@ -71,7 +79,26 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     return dq, dk, dv
 
 
-def _dense_forward(q, k, v, softmax_scale: float, causal: bool):
+def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
+           cache_leftpad=None, block_table=None, num_splits: int = 0):
+    """Attention of q (B, Sq, H, D) over a KV cache, as :func:`tileattn.kernels.decode.decode`.
+
+    The batch's cache rows (pages, or cache_batch_idx rows) are gathered into one dense tensor
+    and attended in chunks; num_splits only matters to the GPU kernel."""
+    batch = q.shape[0]
+    if block_table is not None:
+        idx = block_table.long()
+        k = k_cache[idx].flatten(1, 2)  # (B, max_blocks * page_size, Hkv, D)
+        v = v_cache[idx].flatten(1, 2)
+    elif cache_batch_idx is not None:
+        k, v = k_cache[cache_batch_idx.long()], v_cache[cache_batch_idx.long()]
+    else:
+        k, v = k_cache[:batch], v_cache[:batch]
+    k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
+    return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()))
+
+
+def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None):
     """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -82,7 +109,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool):
     row_sum = torch.zeros_like(m)
     acc = torch.zeros_like(qf)
     for n0 in range(0, seqlen_k, BLOCK_K):
-        s = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal)
+        s = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds)
         m_new = torch.maximum(m, s.amax(-1))
         # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)

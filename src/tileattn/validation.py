@@ -112,3 +112,119 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
             raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
         if lengths and max(lengths) > max_len:
             raise ValueError(f"{max_name}={max_len} is shorter than the longest sequence ({max(lengths)})")
+
+
+def _check_index(name: str, x, shape: tuple[int, ...], device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                  block_table, num_splits):
+    """Checks for flash_attn_with_kvcache; returns cache_seqlens as an int32 (batch,) tensor."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims, got shape {tuple(x.shape)}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    batch, _, heads, head_dim = q.shape
+    _, slots, heads_kv, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        raise ValueError(f"q and k_cache must have the same head_dim, got {head_dim} and {cache_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if heads % heads_kv != 0:
+        raise ValueError(
+            f"number of query heads ({heads}) must be a multiple of the number of key/value heads ({heads_kv})"
+        )
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise ValueError("block_table must be an int32 tensor (batch, max_blocks)")
+        _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
+        if slots % 16 != 0:
+            raise ValueError(f"page_size (k_cache.shape[1] with a block_table) must be a multiple of 16, got {slots}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (pages already pick the rows)")
+        capacity = block_table.shape[1] * slots
+    else:
+        capacity = slots
+        if cache_batch_idx is not None:
+            _check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+        elif k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} sequences but q has batch {batch}; "
+                             "pass cache_batch_idx to pick rows")
+    if cache_leftpad is not None:
+        _check_index("cache_leftpad", cache_leftpad, (batch,), q.device)
+
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= capacity:
+            raise ValueError(f"cache_seqlens={cache_seqlens} is outside the cache's capacity 0..{capacity}")
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        _check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
+
+    new_len = 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append)")
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x)
+            if x.dim() != 4 or x.shape[0] != batch or x.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{name} must have shape (batch={batch}, seqlen_new, heads_kv={heads_kv}, "
+                                 f"head_dim={head_dim}), got {tuple(x.shape)}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {x.dtype} on {x.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        new_len = k.shape[1]
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need new k and v (rotary is applied as they are appended)")
+        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape != rotary_cos.shape:
+                raise ValueError(f"{name} must be a 2-D tensor (seqlen_ro, rotary_dim / 2) like rotary_cos")
+            if x.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+        if 2 * rotary_cos.shape[1] > head_dim:
+            raise ValueError(f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} exceeds "
+                             f"head_dim {head_dim}")
+        if rotary_cos.shape[0] < capacity:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the cache holds up to {capacity}")
+
+    if not _inspectable():
+        return cache_seqlens
+    ends = cache_seqlens.long() + new_len
+    if bool((cache_seqlens < 0).any()) or bool((ends > capacity).any()):
+        raise ValueError(f"cache_seqlens + seqlen_new must lie in 0..{capacity} (the cache's capacity), got "
+                         f"cache_seqlens {cache_seqlens.tolist()[:8]} with {new_len} new tokens")
+    if cache_leftpad is not None and bool(((cache_leftpad < 0) | (cache_leftpad.long() > ends)).any()):
+        raise ValueError(f"cache_leftpad must lie in 0..cache_seqlens + seqlen_new, got {cache_leftpad.tolist()[:8]}")
+    if cache_batch_idx is not None and bool(((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any()):
+        raise ValueError(f"cache_batch_idx entries must lie in 0..{k_cache.shape[0] - 1}, got "
+                         f"{cache_batch_idx.tolist()[:8]}")
+    if block_table is not None:
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < (ends[:, None] + slots - 1) // slots
+        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"block_table entries in use must lie in 0..{k_cache.shape[0] - 1} (k_cache's blocks)")
+    return cache_seqlens

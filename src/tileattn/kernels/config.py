@@ -33,15 +33,24 @@ _GPU_CONFIGS = {
         128: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
         256: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
     },
+    # KV-cache decode: BLOCK_M is fixed by the launcher (queries x heads of a GQA group), so
+    # only the key tile, warps and pipeline depth are tuned
+    "decode": {
+        64: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 4, 4), (None, 256, 8, 3)],
+        128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3)],
+        256: [(None, 64, 4, 3), (None, 32, 4, 3), (None, 64, 4, 2)],
+    },
 }
 # fp32 runs as true-fp32 FMA dots (no tensor cores); large tiles only cost compile time and spills
 _FP32_CONFIGS = {
     "fwd": {128: [(64, 32, 4, 2), (32, 32, 4, 1)], 256: [(32, 32, 4, 1), (16, 32, 4, 1)]},
     "bwd_dkdv": {128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
     "bwd_dq": {128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "decode": {128: [(None, 32, 4, 2), (None, 16, 4, 1)], 256: [(None, 32, 4, 1), (None, 16, 4, 1)]},
 }
-_INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)}
+_INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32), "decode": (None, 32)}
 _KEY = ["SEQ_BUCKET", "CAUSAL", "BLOCK_D", "DOT_PRECISION"]
+_EXTRA_KEY = {"decode": ["BLOCK_M", "PAGED", "num_splits"]}
 
 
 def interpreting() -> bool:
@@ -77,6 +86,11 @@ def _configs(kind: str, block_d: int, precision: str = "tf32"):
     return _GPU_CONFIGS[kind][_head_class(block_d)]
 
 
+def _meta(block_m, block_n) -> dict:
+    """Config meta-parameters; BLOCK_M None means the launcher sets it."""
+    return {"BLOCK_N": block_n} if block_m is None else {"BLOCK_M": block_m, "BLOCK_N": block_n}
+
+
 def autotuned(kernel, kind: str):
     """Wrap a kernel taking BLOCK_M/BLOCK_N constexprs with this module's config choice.
 
@@ -88,14 +102,13 @@ def autotuned(kernel, kind: str):
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():
-            block_m, block_n = _INTERPRETER_CONFIG[kind]
-            kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n)
+            kwargs.update(_meta(*_INTERPRETER_CONFIG[kind]))
             return kernel[grid](*args, **kwargs)
         configs = _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])
         key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
-            kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            kwargs.update(_meta(block_m, block_n), num_warps=warps, num_stages=stages)
             try:
                 result = kernel[grid](*args, **kwargs)
             except OutOfResources:
@@ -108,9 +121,9 @@ def autotuned(kernel, kind: str):
         key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
         if key not in tuners:
             tuners[key] = triton.autotune(
-                configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s)
                          for (m, n, w, s) in _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])],
-                key=_KEY,
+                key=_KEY + _EXTRA_KEY.get(kind, []),
             )(kernel)
         return tuners[key][grid](*args, **kwargs)
 

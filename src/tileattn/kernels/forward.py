@@ -6,7 +6,7 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, cast, finish_softmax, key_range, load_tile, mask_scores, mma, online_softmax_fold, sequence
+from .tile import LOG2E, attend_tile, cast, finish_softmax, key_range, load_tile, sequence
 
 
 @triton.jit
@@ -16,14 +16,9 @@ def _fwd_tile(
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
-    kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    v = load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
-    return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
+    return attend_tile(acc, l_i, m_i, q, k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_m, cols, mask_d,
+                       seqlen_q, seqlen_k, qk_scale, CAUSAL, MASKED, EVEN_D, DOT_PRECISION)
 
 
 @triton.jit

@@ -86,6 +86,23 @@ def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION
 
 
 @triton.jit
+def attend_tile(
+    acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The forward step shared by the dense/varlen and the KV-cache kernels: load K^T [D, N] and
+    V [N, D] from pointer tiles the caller built (strided or gathered from pages), score them
+    against q [M, D] and fold them in. cols are the tile's key indices, q_idx each row's query
+    index; both count from the sequence's first key/query."""
+    kt = load_tile(kt_ptrs, (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    v = load_tile(v_ptrs, (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
+    return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
+
+
+@triton.jit
 def finish_softmax(m_i, l_i, acc):
     """Normalize the accumulator; returns (out, natural-log lse). Empty rows: 0 and -inf."""
     empty = l_i == 0.0

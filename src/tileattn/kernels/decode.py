@@ -1,0 +1,250 @@
+"""Attention over a KV cache (flash-decoding): split the keys across programs, then merge.
+
+Decoding attends one or a few new queries to a long cache, so it is bound by reading K and V.
+The kernel packs the query heads that share a K/V head into the rows of one tile (row r is
+query r // group of head kv_head * group + r % group), so every K/V byte is read once per
+group, and splits each sequence's keys into ``num_splits`` contiguous ranges run by different
+programs. Each split writes its normalized partial output and LSE; ``_combine_kernel`` merges
+them weighted by exp(lse_split - lse). With one split the kernel writes the result directly.
+
+The cache is dense (batch_cache, capacity, heads_kv, head_dim), optionally indexed through
+``cache_batch_idx``, or paged (num_blocks, page_size, heads_kv, head_dim) through
+``block_table`` (batch, max_blocks). Sequence b holds keys [leftpad[b], seqlens_k[b]); keys are
+numbered from leftpad inside the kernel, so causal alignment and masking are the dense ones.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .tile import LOG2E, attend_tile, cast, finish_softmax, load_tile
+
+
+@triton.jit
+def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """(page, row in page) of cache positions pos; a dense cache is one page."""
+    if PAGED:
+        if MASKED:
+            page = tl.load(BlockTableRow + pos // page_size, mask=valid, other=0)
+        else:
+            page = tl.load(BlockTableRow + pos // page_size)
+        row = pos % page_size
+    else:
+        page = pos * 0
+        row = pos
+    return page.to(tl.int64), row
+
+
+@triton.jit
+def _decode_tile(
+    acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx, k_lo, seqlen_q, seqlen_k,
+    page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
+    page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
+    kt_ptrs = K + (page * stride_kb + row * stride_kn)[None, :] + offs_d[:, None] * stride_kd
+    v_ptrs = V + (page * stride_vb + row * stride_vn)[:, None] + offs_d[None, :] * stride_vd
+    return attend_tile(acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
+                       CAUSAL, MASKED, EVEN_D, DOT_PRECISION)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_os, stride_ob, stride_om, stride_oh, stride_od,
+    stride_ls, stride_lb, stride_lh,
+    stride_btb,
+    seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale,
+    SEQ_BUCKET,  # autotune key only
+    CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_r = tl.program_id(0) * BLOCK_M  # packed rows (query, head in group)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    hk = (pid_bh % heads_kv).to(tl.int64)
+    k_lo = 0
+    if HAS_LEFTPAD:
+        k_lo = tl.load(LeftPad + b)
+    seqlen_k = tl.load(SeqlensK + b) - k_lo
+
+    offs_r = start_r + tl.arange(0, BLOCK_M)
+    mask_r = offs_r < seqlen_q * group
+    q_idx = offs_r // group
+    head = hk * group + offs_r % group
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    q = load_tile(Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None] + offs_d[None, :] * stride_qd,
+                  mask_r[:, None], mask_d[None, :], True, not EVEN_D)
+
+    if PAGED:
+        BlockTableRow = BlockTable + b * stride_btb
+    else:
+        BlockTableRow = BlockTable
+        kb = b
+        if HAS_BATCH_IDX:
+            kb = tl.load(BatchIdx + b).to(tl.int64)
+        K += kb * stride_kb
+        V += kb * stride_vb
+    K += hk * stride_kh
+    V += hk * stride_vh
+
+    # keys this tile's rows may see: [0, hi); [0, full) is unmasked for every row
+    first_q = start_r // group
+    last_q = tl.minimum(start_r + BLOCK_M, seqlen_q * group) - 1
+    last_q = last_q // group
+    hi = seqlen_k
+    full = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(last_q + 1 + seqlen_k - seqlen_q, 0), seqlen_k)
+        full = tl.minimum(tl.maximum(first_q + 1 + seqlen_k - seqlen_q, 0), hi)
+    full = (full // BLOCK_N) * BLOCK_N
+    # this program's split: a contiguous run of key tiles
+    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
+    lo = tl.minimum(split * tiles_per_split * BLOCK_N, hi)
+    end = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, tl.minimum(full, end), BLOCK_N):
+        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
+                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
+                                     stride_vn, stride_vd, qk_scale, CAUSAL, False, PAGED, EVEN_D, DOT_PRECISION)
+    for start_n in range(tl.maximum(lo, full), end, BLOCK_N):
+        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
+                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
+                                     stride_vn, stride_vd, qk_scale, CAUSAL, True, PAGED, EVEN_D, DOT_PRECISION)
+
+    out, lse = finish_softmax(m_i, l_i, acc)
+    Out += split * stride_os + b * stride_ob
+    o_ptrs = Out + (q_idx * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(Lse + split * stride_ls + b * stride_lb + head * stride_lh + q_idx, lse, mask=mask_r)
+
+
+@triton.jit
+def _combine_kernel(
+    OutSplit, LseSplit, Out, Lse,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_qs, stride_qb, stride_qh,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    seqlen_q, heads, head_dim, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s(lse_s), one (b, query, head)
+    row per program; splits that saw no key carry lse_s = -inf and weigh 0."""
+    pid = tl.program_id(0)
+    b = (pid // seqlen_q).to(tl.int64)
+    m = (pid % seqlen_q).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    lse_s = tl.load(LseSplit + offs_s * stride_qs + b * stride_qb + h * stride_qh + m, mask=mask_s,
+                    other=float("-inf")) * LOG2E
+    lse_max = tl.max(lse_s, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.math.exp2(lse_s - lse_max)
+    total = tl.sum(w, 0)
+    parts = tl.load(OutSplit + offs_s[:, None] * stride_ps + b * stride_pb + m * stride_pm + h * stride_ph
+                    + offs_d[None, :], mask=mask_s[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    safe_total = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(parts * w[:, None], 0) / safe_total
+    lse = tl.where(total == 0.0, float("-inf"), (lse_max + tl.math.log2(safe_total)) / LOG2E)
+    tl.store(Out + b * stride_ob + m * stride_om + h * stride_oh + offs_d * stride_od,
+             cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=offs_d < head_dim)
+    tl.store(Lse + b * stride_lb + h * stride_lh + m, lse)
+
+
+_decode = autotuned(_decode_kernel, "decode")
+MAX_SPLITS = 128
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(programs: int, capacity: int, device: torch.device) -> int:
+    """Split only when the batch's programs leave most SMs idle, up to about one wave, with at
+    least 512 keys per split. (On an H100, 64 single-split programs already stream at 2.96
+    TB/s, while each split adds partial-result traffic and a merge.)
+
+    Decided from the cache capacity, not the actual lengths, so choosing never reads a device
+    tensor (no host sync; CUDA-graph capturable)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    if programs * 8 >= sms * 3:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(capacity, 512), MAX_SPLITS))
+
+
+def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
+           cache_leftpad=None, block_table=None, num_splits: int = 0, out=None, lse=None):
+    """Launch attention of q (B, Sq, H, D) over a KV cache; returns out (B, Sq, H, D) and lse
+    (B, H, Sq) float32.
+
+    seqlens_k (B,) int32: keys [cache_leftpad[b], seqlens_k[b]) of sequence b are attended.
+    Dense cache (B_cache, capacity, Hkv, D) with optional cache_batch_idx (B,) int32; paged cache
+    (num_blocks, page_size, Hkv, D) with block_table (B, max_blocks) int32. Arguments are
+    assumed checked (see tileattn.kvcache). num_splits=0 picks the split count.
+    """
+    batch, seqlen_q, heads, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    group = heads // heads_kv
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else page_size
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m = max(16, min(64, triton.next_power_of_2(seqlen_q * group)))
+    m_tiles = triton.cdiv(seqlen_q * group, block_m)
+    if num_splits <= 0:
+        num_splits = choose_splits(batch * heads_kv * m_tiles, capacity, q.device)
+    num_splits = min(num_splits, MAX_SPLITS)
+    if num_splits > 1:
+        out_split = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_split = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=q.device)
+    else:
+        out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
+    block_d = head_block(head_dim)
+    precision = dot_precision(q.dtype)
+    dummy = seqlens_k  # unused pointer arguments
+    _decode[(m_tiles, batch * heads_kv, num_splits)](
+        q, k_cache, v_cache, out_split, lse_split, seqlens_k,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        cache_leftpad if cache_leftpad is not None else dummy,
+        block_table if paged else dummy,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_split.stride(), *lse_split.stride()[:3],
+        block_table.stride(0) if paged else 0,
+        seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
+        seqlen_bucket(seqlen_q, capacity),
+        CAUSAL=causal, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
+        HAS_LEFTPAD=cache_leftpad is not None, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+        DOT_PRECISION=precision, BLOCK_M=block_m,
+    )
+    if num_splits > 1:
+        _combine_kernel[(batch * seqlen_q, heads)](
+            out_split, lse_split, out, lse,
+            *out_split.stride()[:4], *lse_split.stride()[:3], *out.stride(), *lse.stride()[:2],
+            seqlen_q, heads, head_dim, num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, DOT_PRECISION=precision,
+        )
+    return out, lse

@@ -86,6 +86,20 @@ def test_greedy_generation_matches_eager(name):
 
 
 @pytest.mark.parametrize("name", ["phi", "llama"])
+def test_unpadded_decode_uses_kvcache_kernel_and_matches_eager(backend, name, monkeypatch):
+    from tileattn.integrations import transformers as integration
+
+    calls = []
+    kvcache = integration.ops.fwd_kvcache
+    monkeypatch.setattr(integration.ops, "fwd_kvcache", lambda *a: calls.append(a[0].shape) or kvcache(*a))
+    ours, eager = _models(name)
+    ids = torch.randint(1, 96, (2, 9), device=DEVICE)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+    assert calls and all(shape[1] == 1 for shape in calls)  # every decode step, one query each
+
+
+@pytest.mark.parametrize("name", ["phi", "llama"])
 def test_training_step_gradients_match_eager(backend, name):
     ours, eager = _models(name)
     ids, mask = _batch("right")

@@ -9,6 +9,8 @@ nothing is padded; the attention function only reshapes and routes:
 - a padding mask: the valid tokens are gathered and run through the varlen kernel, so no work
   is spent on padding; padded query rows come back as zeros, as with flash-attn;
 - position_ids that restart inside one row (packed sequences): varlen kernel;
+- decode steps (a few queries against a longer cache, no gradient): the KV-cache kernel, which
+  splits the keys across SMs and reads each K/V head once for its whole GQA group;
 - otherwise: the dense kernel. K/V arrive un-repeated for GQA and are never repeated.
 """
 
@@ -17,10 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..api import flash_attn_func
 from ..varlen import flash_attn_varlen_func
 
 NAME = "tileattn"
+DECODE_ROWS = 64  # queries x GQA group up to one decode-kernel tile
 
 
 def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None,
@@ -75,6 +79,18 @@ def _padded(q, k, v, mask, scale, causal):
     out = q.new_zeros(batch * seqlen_q, heads, head_dim)
     out[idx_q] = out_unpad
     return out.view(batch, seqlen_q, heads, head_dim)
+
+
+def _dense(q, k, v, scale, causal):
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS
+    if decoding and not (q.requires_grad or k.requires_grad or v.requires_grad):
+        # the cache is full to seqlen_k; built on the device, so nothing synchronizes
+        seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
+        scale = scale if scale is not None else head_dim**-0.5
+        return ops.fwd_kvcache(q, k, v, seqlens, None, None, None, float(scale), causal, 0)[0]
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: int, seqlen_k: int):
@@ -135,7 +151,7 @@ def tileattn_attention_forward(
     elif attention_mask is not None:
         out = _padded(q, k, v, attention_mask, scaling, causal)
     else:
-        out = flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal)
+        out = _dense(q, k, v, scaling, causal)
     return out[..., :v_head_dim], None
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..api import flash_attn_func
 from ..testing import check_attention
+from .bench_decode import decode_bench, decode_table
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384],
                    help="prompt lengths for --generation")
     p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
+    p.add_argument("--decode", action="store_true",
+                   help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
 
 
@@ -291,7 +294,7 @@ def large_batch_check(device, log) -> bool:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=()) -> str:
+def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -321,6 +324,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
                   "| prompt | attention | prefill tok/s | decode tok/s | peak GiB |", "|---|---|---|---|---|"]
         lines += [f"| {n} | {attn} | {_fmt(p)} | {_fmt(d)} | {_fmt(m)} |" for n, attn, p, d, m in generation_rows]
         lines.append("")
+    if decode_rows:
+        lines += decode_table(decode_rows)
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)
@@ -418,7 +423,11 @@ def run(args) -> int:
     if args.generation:
         log("== generation, Phi-2 architecture, random weights, batch 1")
         generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log)
-    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows)
+    decode_rows = []
+    if args.decode and gpu:
+        log("== KV-cache decode bandwidth")
+        decode_rows = decode_bench(device, log)
+    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

@@ -153,9 +153,11 @@ BAD_INPUTS = {
     "scale_nan": (dict(softmax_scale=float("nan")), TypeError, "softmax_scale must be a finite number"),
     "window_not_pair": (dict(window_size=(1, 2, 3)), ValueError, r"window_size must be a pair"),
     "dropout_unbuilt": (dict(dropout_p=0.1), NotImplementedError, "dropout_p"),
-    "window_unbuilt": (dict(window_size=(16, 0)), NotImplementedError, "window_size"),
-    "softcap_unbuilt": (dict(softcap=30.0), NotImplementedError, "softcap"),
-    "alibi_unbuilt": (dict(alibi_slopes=torch.ones(2)), NotImplementedError, "alibi_slopes"),
+    "window_below_minus_one": (dict(window_size=(-2, 0)), ValueError, "window_size left must be an int >= 0"),
+    "window_float": (dict(window_size=(4.5, 0)), ValueError, "window_size left"),
+    "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+    "alibi_fp16": (dict(alibi_slopes=torch.ones(2, dtype=torch.float16)), TypeError, "alibi_slopes must be float32"),
+    "alibi_wrong_heads": (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape"),
 }
 
 

@@ -48,7 +48,7 @@ def _paged(k_cache, v_cache, page_size, gen):
     return *paged, table.to(torch.int32).to(DEVICE)
 
 
-def _case(new_len, seqlen_q, rotary, causal, paged, batch_idx, leftpad, dtype=torch.float32, splits=0):
+def _case(new_len, seqlen_q, rotary, causal, paged, batch_idx, leftpad, dtype=torch.float32, splits=0, variants=None):
     gen = torch.Generator().manual_seed(1)
     batch = len(LENGTHS)
     lens = torch.tensor(LENGTHS, dtype=torch.int32)
@@ -82,13 +82,17 @@ def _case(new_len, seqlen_q, rotary, causal, paged, batch_idx, leftpad, dtype=to
             exp_k[row, start:end] = kb.to(dtype).double()
             exp_v[row, start:end] = v_new[b].double()
         ks, vs = exp_k[row, int(pad[b]) : end], exp_v[row, int(pad[b]) : end]
-        o, lse = attention_ref(qb.to(dtype)[None], ks[None], vs[None], causal=causal)
+        per_seq = dict(variants or {})
+        if per_seq.get("alibi_slopes") is not None:
+            per_seq["alibi_slopes"] = per_seq["alibi_slopes"][b]
+        o, lse = attention_ref(qb.to(dtype)[None], ks[None], vs[None], causal=causal, **per_seq)
         outs.append(o[0])
         lses.append(lse[0])
     ref_out, ref_lse = torch.stack(outs), torch.stack(lses)
 
     kwargs = dict(cache_seqlens=lens.to(DEVICE), causal=causal, rotary_cos=cos, rotary_sin=sin,
-                  rotary_interleaved=rotary == "interleaved", num_splits=splits, return_softmax_lse=True)
+                  rotary_interleaved=rotary == "interleaved", num_splits=splits, return_softmax_lse=True,
+                  **(variants or {}))
     if batch_idx:
         kwargs["cache_batch_idx"] = idx.to(DEVICE)
     if leftpad:
@@ -128,6 +132,28 @@ def test_kvcache_matches_reference(backend, case, causal, paged):
     torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-5, rtol=0)
     # rotary in float32 vs float64-then-rounded: a few ulp apart
     torch.testing.assert_close(k_after.double(), exp_k[: k_after.shape[0]].double(), atol=1e-5, rtol=1e-6)
+
+
+VARIANTS = {
+    "window": dict(window_size=(6, 0)),
+    "softcap-alibi": dict(softcap=1.5, alibi_slopes="batch"),
+    "window-softcap-alibi": dict(window_size=(20, 0), softcap=2.0, alibi_slopes="batch"),
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["split1", "split3"])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged16"])
+@pytest.mark.parametrize("name", VARIANTS, ids=list(VARIANTS))
+def test_kvcache_variants(backend, name, paged, splits):
+    variants = dict(VARIANTS[name])
+    if variants.get("alibi_slopes") == "batch":
+        variants["alibi_slopes"] = torch.rand(len(LENGTHS), HEADS, device=DEVICE) * 0.5 + 0.05
+    out, lse, ref_out, ref_lse, _, _ = _case(new_len=3, seqlen_q=3, rotary=None, causal=True, paged=paged,
+                                             batch_idx=False, leftpad=True, splits=splits, variants=variants)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    empty = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty)
+    torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -181,7 +207,7 @@ BAD = {
     "batch-idx-range": (lambda q, kc, vc: dict(cache_batch_idx=_i32([0, 5])), ValueError, "cache_batch_idx"),
     "rotary-without-k": (lambda q, kc, vc: dict(rotary_cos=torch.ones(32, 4, device=DEVICE),
                                                 rotary_sin=torch.ones(32, 4, device=DEVICE)), ValueError, "need new k"),
-    "window": (lambda q, kc, vc: dict(window_size=(4, 0)), NotImplementedError, "window"),
+    "window-not-pair": (lambda q, kc, vc: dict(window_size=4), ValueError, "window_size must be a pair"),
 }
 
 

@@ -34,9 +34,14 @@ def flash_attn_func(
         softmax_scale: defaults to 1 / sqrt(head_dim).
         causal: query i sees key j iff j <= i + seqlen_k - seqlen_q (bottom-right aligned, as in
             flash-attn 2). A query that sees no key outputs 0 and has LSE = -inf.
+        window_size: (left, right) sliding window: query i sees keys j with
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right; -1 is unbounded. With causal, right
+            is 0. Key tiles outside every row's window are skipped, so cost grows with the window.
+        softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2).
+        alibi_slopes: float32 (heads,) or (batch, heads): adds -slope * |i + Sk - Sq - j| to the
+            scores after softcap (BLOOM, MPT). No gradient flows to the slopes.
         deterministic: accepted for compatibility; the backward is always deterministic.
-        dropout_p, window_size, softcap, alibi_slopes: not supported yet; anything but the
-            default raises NotImplementedError.
+        dropout_p: not supported yet; anything but 0 raises NotImplementedError.
         return_attn_probs: also return the LSE (see Returns).
 
     Returns:
@@ -54,9 +59,10 @@ def flash_attn_func(
         torch.Size([2, 128, 8, 64])
     """
     check_qkv(q, k, v)
-    check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2],
+                              q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic))
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -81,7 +81,8 @@ def flash_attn_with_kvcache(
         causal: bottom-right aligned to each sequence's length after appending.
         num_splits: how many programs split one sequence's keys; 0 chooses from the SM count,
             batch, heads and capacity. Any value gives the same result up to rounding.
-        window_size, softcap, alibi_slopes: not supported yet (NotImplementedError).
+        window_size, softcap, alibi_slopes: as in :func:`tileattn.flash_attn_func`, with each
+            sequence's diagonal at its length after appending.
         return_softmax_lse: also return the LSE (batch, heads, seqlen_q) float32.
 
     Returns:
@@ -97,7 +98,7 @@ def flash_attn_with_kvcache(
         >>> flash_attn_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=lens, causal=True).shape
         torch.Size([2, 1, 8, 64])
     """
-    check_features(0.0, softmax_scale, window_size, softcap, alibi_slopes)
+    variants = check_features(0.0, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2], q.device)
     cache_seqlens = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                   cache_leftpad, block_table, num_splits)
     seqlens_k = cache_seqlens
@@ -114,5 +115,5 @@ def flash_attn_with_kvcache(
         seqlens_k = cache_seqlens + new_len
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = ops.fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, scale,
-                               bool(causal), int(num_splits))
+                               bool(causal), int(num_splits), *variants, alibi_slopes)
     return (out, lse) if return_softmax_lse else out

@@ -27,16 +27,22 @@ def fwd(
     softmax_scale: float,
     causal: bool,
     deterministic: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse float32: (B, H, Sq) dense, (H, total_q) varlen). ``deterministic`` is
     carried for the backward."""
     out, lse = get_backend(q.device).forward(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k)
+                                             max_seqlen_q, max_seqlen_k, window_size=(window_left, window_right),
+                                             softcap=softcap, alibi_slopes=alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 
 @fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
+      window_left, window_right, softcap, alibi_slopes):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -55,31 +61,38 @@ def bwd(
     softmax_scale: float,
     causal: bool,
     deterministic: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like (q, k, v). Both backends are deterministic by construction."""
     dq, dk, dv = get_backend(q.device).backward(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q,
-                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                window_size=(window_left, window_right), softcap=softcap,
+                                                alibi_slopes=alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      deterministic):
+      deterministic, window_left, window_right, softcap, alibi_slopes):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args = inputs  # args: max_seqlen_q/k, scale, causal, deterministic
+    # args: max_seqlen_q/k, scale, causal, deterministic, window_left/right, softcap
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes = inputs
     out, lse = output
     # flash-attn semantics: the LSE output carries no gradient (requires_grad=False says so)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
+    return dq, dk, dv, *([None] * 11)
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -97,13 +110,19 @@ def fwd_kvcache(
     softmax_scale: float,
     causal: bool,
     num_splits: int,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Sq, H, D) over a KV cache (keys [leftpad, seqlens_k) per sequence):
     (out like q, lse (B, H, Sq) float32). Forward only, as in flash-attn."""
     return get_backend(q.device).decode(q, k_cache, v_cache, seqlens_k, softmax_scale, causal, cache_batch_idx,
-                                        cache_leftpad, block_table, num_splits)
+                                        cache_leftpad, block_table, num_splits, window_size=(window_left, window_right),
+                                        softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 @fwd_kvcache.register_fake
-def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits):
+def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits,
+      window_left, window_right, softcap, alibi_slopes):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)

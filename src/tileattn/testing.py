@@ -53,8 +53,10 @@ def _lse_err(lse: torch.Tensor, ref: torch.Tensor) -> float:
     return _max_err(lse[~empty], ref[~empty])
 
 
-def check_attention(fn, q, k, v, causal: bool = False, softmax_scale: float | None = None, backward: bool = True):
-    """Run ``fn(q, k, v, causal=..., softmax_scale=..., return_attn_probs=True)`` and judge it.
+def check_attention(fn, q, k, v, causal: bool = False, softmax_scale: float | None = None, backward: bool = True,
+                    **variants):
+    """Run ``fn(q, k, v, causal=..., softmax_scale=..., return_attn_probs=True, **variants)`` and
+    judge it; variants (window_size, softcap, alibi_slopes) go to the oracle too.
 
     Returns a list of :class:`Check` for out, lse and (with backward) dq, dk, dv.
     """
@@ -67,14 +69,14 @@ def check_attention(fn, q, k, v, causal: bool = False, softmax_scale: float | No
         return out.detach(), lse.detach(), grads
 
     def ours(q_, k_, v_):
-        out, lse, _ = fn(q_, k_, v_, causal=causal, softmax_scale=softmax_scale, return_attn_probs=True)
+        out, lse, _ = fn(q_, k_, v_, causal=causal, softmax_scale=softmax_scale, return_attn_probs=True, **variants)
         return out, lse
 
     def oracle(q_, k_, v_):
-        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=True)
+        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=True, **variants)
 
     def lowp(q_, k_, v_):
-        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=False)
+        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=False, **variants)
 
     out, lse, grads = run(ours)
     ref_out, ref_lse, ref_grads = run(oracle, torch.float64)

@@ -28,22 +28,43 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
-def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None):
-    """Scaled scores of all queries against keys [n0, n0 + chunk), masked to -inf.
+def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None, window_size=(-1, -1),
+                  softcap=0.0, alibi=None):
+    """Scores of all queries against keys [n0, n0 + chunk): scaled, softcapped, ALiBi-biased and
+    masked to -inf. Returns (scores, tanh of the softcap argument or None).
 
     bounds: optional (k_lo, k_hi), int tensors (B,): batch entry b sees keys [k_lo, k_hi) only
-    and its causal diagonal is aligned to k_hi (a KV cache's per-sequence fill)."""
+    and its diagonal is aligned to k_hi (a KV cache's per-sequence fill). alibi: slopes shaped to
+    broadcast against (B, Hkv, group, 1, 1)."""
     s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk) * scale
+    th = None
+    if softcap:
+        th = torch.tanh(s / softcap)
+        s = softcap * th
     i = torch.arange(seqlen_q, device=q.device)[:, None]
     j = torch.arange(n0, n0 + k_chunk.shape[2], device=q.device)[None, :]
+    end = seqlen_k
     if bounds is not None:
-        k_lo, k_hi = (x.view(-1, 1, 1, 1, 1) for x in bounds)
-        s = s.masked_fill((j < k_lo) | (j >= k_hi), float("-inf"))
-        if causal:
-            s = s.masked_fill(j > i + (k_hi - seqlen_q), float("-inf"))
-    elif causal:
-        s = s.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
-    return s
+        k_lo, end = (x.view(-1, 1, 1, 1, 1) for x in bounds)
+        s = s.masked_fill((j < k_lo) | (j >= end), float("-inf"))
+    diag = i + (end - seqlen_q)
+    if alibi is not None:
+        s = s - alibi * (diag - j).abs()
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        s = s.masked_fill(j > diag + right, float("-inf"))
+    if left >= 0:
+        s = s.masked_fill(j < diag - left, float("-inf"))
+    return s, th
+
+
+def _alibi(alibi_slopes, batch: int, heads_kv: int):
+    """(heads,) or (batch, heads) slopes -> float32 broadcastable to (B, Hkv, group, 1, 1)."""
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes.float().expand(batch, -1).reshape(batch, heads_kv, -1, 1, 1)
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -53,34 +74,48 @@ def _sequences(cu_seqlens_q, cu_seqlens_k):
 
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+            max_seqlen_q: int = 0, max_seqlen_k: int = 0, window_size=(-1, -1), softcap: float = 0.0,
+            alibi_slopes=None):
     """Dense: out (B, Sq, H, D), lse (B, H, Sq). Varlen (packed (total, H, D) inputs split by
     cu_seqlens): out (total_q, H, D), lse (H, total_q). lse is float32."""
+    variants = dict(window_size=window_size, softcap=softcap)
     if cu_seqlens_q is None:
-        return _dense_forward(q, k, v, softmax_scale, causal)
+        return _dense_forward(q, k, v, softmax_scale, causal, alibi_slopes=alibi_slopes, **variants)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(lse_shape(q, varlen=True), dtype=torch.float32, device=q.device)
-    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o, row_lse = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal)
+    for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        o, row_lse = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal,
+                                    alibi_slopes=_row(alibi_slopes, b), **variants)
         out[qs:qe], lse[:, qs:qe] = o[0], row_lse[0]
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+             max_seqlen_q: int = 0, max_seqlen_k: int = 0, window_size=(-1, -1), softcap: float = 0.0,
+             alibi_slopes=None):
     """Gradients (dq, dk, dv) in the inputs' layouts and dtypes."""
+    variants = dict(window_size=window_size, softcap=softcap)
     if cu_seqlens_q is None:
-        return _dense_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+        return _dense_backward(dout, q, k, v, out, lse, softmax_scale, causal, alibi_slopes=alibi_slopes, **variants)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         grads = _dense_backward(dout[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe],
-                                lse[None, :, qs:qe], softmax_scale, causal)
+                                lse[None, :, qs:qe], softmax_scale, causal, alibi_slopes=_row(alibi_slopes, b),
+                                **variants)
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0] for g in grads)
     return dq, dk, dv
 
 
+def _row(alibi_slopes, b: int):
+    """Sequence b's slopes: per-batch slopes (batch, heads) are indexed, (heads,) shared."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[b]
+
+
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
-           cache_leftpad=None, block_table=None, num_splits: int = 0):
+           cache_leftpad=None, block_table=None, num_splits: int = 0, window_size=(-1, -1), softcap: float = 0.0,
+           alibi_slopes=None):
     """Attention of q (B, Sq, H, D) over a KV cache, as :func:`tileattn.kernels.decode.decode`.
 
     The batch's cache rows (pages, or cache_batch_idx rows) are gathered into one dense tensor
@@ -95,21 +130,25 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     else:
         k, v = k_cache[:batch], v_cache[:batch]
     k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
-    return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()))
+    return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()),
+                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
-def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None):
+def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, window_size=(-1, -1),
+                   softcap: float = 0.0, alibi_slopes=None):
     """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     qf = _split_heads(q, heads_kv)
+    alibi = _alibi(alibi_slopes, b, heads_kv)
     kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
     vf = v.float().permute(0, 2, 1, 3)
     m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
     row_sum = torch.zeros_like(m)
     acc = torch.zeros_like(qf)
     for n0 in range(0, seqlen_k, BLOCK_K):
-        s = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds)
+        s, _ = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds,
+                             window_size, softcap, alibi)
         m_new = torch.maximum(m, s.amax(-1))
         # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
@@ -124,11 +163,13 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None):
     return _merge_heads(out).to(q.dtype), lse.reshape(b, heads, seqlen_q)
 
 
-def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool):
+def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_size=(-1, -1),
+                    softcap: float = 0.0, alibi_slopes=None):
     """Gradients (dq, dk, dv) in the inputs' dtypes, recomputing probabilities from lse."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     qf = _split_heads(q, heads_kv)
+    alibi = _alibi(alibi_slopes, b, heads_kv)
     dof = _split_heads(dout, heads_kv)
     kf = k.float().permute(0, 2, 1, 3)
     vf = v.float().permute(0, 2, 1, 3)
@@ -141,10 +182,13 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool)
     dv = torch.zeros_like(vf)
     for n0 in range(0, seqlen_k, BLOCK_K):
         kc, vc = kf[:, :, n0 : n0 + BLOCK_K], vf[:, :, n0 : n0 + BLOCK_K]
-        p = torch.exp(_chunk_scores(qf, kc, n0, seqlen_q, seqlen_k, softmax_scale, causal) - lse[..., None])
+        s, th = _chunk_scores(qf, kc, n0, seqlen_q, seqlen_k, softmax_scale, causal, None, window_size, softcap, alibi)
+        p = torch.exp(s - lse[..., None])
         dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p, dof)
         dp = torch.einsum("bhgqd,bhkd->bhgqk", dof, vc)
         ds = p * (dp - delta[..., None])
+        if th is not None:  # d(cap * tanh(x / cap)) / dx
+            ds = ds * (1 - th * th)
         dq += torch.einsum("bhgqk,bhkd->bhgqd", ds, kc) * softmax_scale
         dk[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", ds, qf) * softmax_scale
     return (

@@ -45,24 +45,38 @@ def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head
         )
 
 
-def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> None:
+def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch: int, heads: int,
+                   device) -> tuple[int, int, float]:
+    """Checks the attention variants; returns (window_left, window_right, softcap) normalized."""
     if not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if softmax_scale is not None and (not isinstance(softmax_scale, Real) or not math.isfinite(softmax_scale)):
         raise TypeError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if window_size is None or len(tuple(window_size)) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    # Not built yet: refuse rather than silently compute plain attention.
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    for side, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise ValueError(f"window_size {side} must be an int >= 0, or -1 for unbounded, got {w!r}")
+    if not isinstance(softcap, Real) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        if alibi_slopes.stride(-1) != 1:
+            raise ValueError("alibi_slopes must be contiguous in its last (heads) dim")
+        if alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    # Not built yet: refuse rather than silently compute without dropout.
     if dropout_p != 0.0:
         raise NotImplementedError("dropout_p > 0 is not supported yet")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError("window_size (sliding window attention) is not supported yet")
-    if softcap != 0.0:
-        raise NotImplementedError("softcap is not supported yet")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported yet")
-
-
+    return int(left), int(right), float(softcap)
 
 
 def check_packed(name: str, x, parts: int, layout: str) -> None:

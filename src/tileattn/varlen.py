@@ -40,8 +40,9 @@ def flash_attn_varlen_func(
             cu_seqlens[i]:cu_seqlens[i + 1]. Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (the kernel grid covers them).
         causal: per sequence, bottom-right aligned as in :func:`tileattn.flash_attn_func`.
-        Other arguments as in :func:`tileattn.flash_attn_func`; block_table (paged KV) is not
-        supported yet.
+        Other arguments (window_size, softcap, alibi_slopes: per sequence, slopes (batch, heads)
+        indexed by sequence) as in :func:`tileattn.flash_attn_func`; block_table (paged KV) is
+        served by :func:`tileattn.flash_attn_with_kvcache` instead.
 
     Returns:
         out (total_q, heads, head_dim); with return_attn_probs=True, (out, softmax_lse, None)
@@ -54,13 +55,14 @@ def flash_attn_varlen_func(
         torch.Size([10, 4, 32])
     """
     check_qkv(q, k, v, rank=3, layout=_LAYOUT)
-    check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     if block_table is not None:
-        raise NotImplementedError("block_table (paged KV cache) is not supported yet")
+        raise NotImplementedError("block_table with varlen is not supported yet; use flash_attn_with_kvcache")
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], q.device)
+    variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q.shape[0] - 1,
+                              q.shape[1], q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                       bool(deterministic))
+                       bool(deterministic), *variants, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

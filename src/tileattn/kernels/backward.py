@@ -12,8 +12,8 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .forward import check_offsets, strides
-from .tile import LOG2E, cast, key_range, load_tile, mask_scores, mma, query_range, sequence
+from .forward import alibi_batch_stride, check_offsets, strides, variant_args, variant_flags
+from .tile import LOG2E, alibi_slope, cast, key_range, load_tile, mask_scores, mma, query_range, score_tile, sequence
 
 
 @triton.jit
@@ -55,8 +55,10 @@ def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.conste
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, mask_d,
-    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+    window_left, window_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = start_m + offs_m
     qt = load_tile(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
@@ -64,31 +66,36 @@ def _dkdv_tile(
     do = load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                    (rows < seqlen_q)[:, None], mask_d[None, :], MASKED, not EVEN_D)
     lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
-    st = mma(k, qt, None, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    st, th = score_tile(mma(k, qt, None, DOT_PRECISION), rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                        qk_scale, softcap, slope, SOFTCAP, ALIBI)  # [BLOCK_N, BLOCK_M]
     if MASKED:
-        st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, CAUSAL)
+        st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
+                         WINDOW)
     pt = tl.math.exp2(st - lse[None, :])
     dv = mma(cast(pt, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - th * th)
     dk = mma(cast(dst, qt.dtype, DOT_PRECISION), tl.trans(qt), dk, DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
+    stride_lb, stride_lh, stride_ab,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
@@ -116,37 +123,36 @@ def _bwd_dkdv_kernel(
                   mask_n[:, None], mask_d[None, :], True, not EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, full, full_end = query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    diag_end = full
-    if diag_end > seqlen_q:
-        diag_end = seqlen_q
-    tail_start = full
-    if tail_start < full_end:
-        tail_start = full_end
+    # keys past seqlen_k in a ragged last tile need no mask: their dk/dv rows are never stored
+    lo, full_lo, full_hi, hi = query_range(start_n, start_n + BLOCK_N - 1, seqlen_q, seqlen_k, window_left,
+                                           window_right, BLOCK_M, CAUSAL, WINDOW)
     for g in range(0, group):
         h = hk * group + g
         q_base = Q + h * stride_qh
         do_base = DOut + h * stride_doh
         bh_offset = b * stride_lb + h * stride_lh + q_start
+        slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
         if DOT_PRECISION == "ieee":
             # fp32: sum each head's contribution on its own, then across the group, as the
             # reference does; one running sum over group * seqlen_q products loses ~2x accuracy
             dk_total, dv_total = dk, dv
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        # causal diagonal (and, when it reaches the end, the ragged last query tile)
-        for start_m in range(lo, diag_end, BLOCK_M):
+        for start_m in range(lo, tl.minimum(full_lo, hi), BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
-        for start_m in range(full, full_end, BLOCK_M):
+                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                True, EVEN_D, DOT_PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, CAUSAL, False, EVEN_D, DOT_PRECISION)
-        for start_m in range(tail_start, seqlen_q, BLOCK_M):
+                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                False, EVEN_D, DOT_PRECISION)
+        for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, CAUSAL, True, EVEN_D, DOT_PRECISION)
+                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                True, EVEN_D, DOT_PRECISION)
         if DOT_PRECISION == "ieee":
             dk = dk_total + dk
             dv = dv_total + dv
@@ -161,36 +167,42 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(
     dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
     kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                    (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
     vt = load_tile(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                    (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
+    s, th = score_tile(mma(q, kt, None, DOT_PRECISION), offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale,
+                       softcap, slope, SOFTCAP, ALIBI)
     if MASKED:
-        s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
+        s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
+                        WINDOW)
     p = tl.math.exp2(s - lse[:, None])
     dp = mma(do, vt, None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
     return mma(cast(ds, kt.dtype, DOT_PRECISION), tl.trans(kt), dq, DOT_PRECISION)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DQ, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
+    stride_lb, stride_lh, stride_ab,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -207,6 +219,7 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
+    slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
     q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
@@ -217,15 +230,20 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full, hi = key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
+    lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
+                                         window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
+    for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-                      CAUSAL, False, EVEN_D, DOT_PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
+                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D, DOT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-                      CAUSAL, True, EVEN_D, DOT_PRECISION)
+                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, EVEN_D, DOT_PRECISION)
+    for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D, DOT_PRECISION)
 
     dq_ptrs = DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
@@ -238,11 +256,12 @@ _PREPROCESS_BLOCK_M = 64
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q: int = 0, max_seqlen_k: int = 0, dq=None, dk=None, dv=None):
+             max_seqlen_q: int = 0, max_seqlen_k: int = 0, dq=None, dk=None, dv=None, window_size=(-1, -1),
+             softcap: float = 0.0, alibi_slopes=None):
     """Launch the backward kernels; returns (dq, dk, dv) shaped and typed like (q, k, v).
 
-    Layouts as in :func:`forward` (dense or varlen); ``lse`` is the forward's float32 output and
-    must be contiguous. dq/dk/dv may be passed preallocated (tests poison them).
+    Layouts and variants as in :func:`forward` (dense or varlen); ``lse`` is the forward's float32
+    output and must be contiguous. dq/dk/dv may be passed preallocated (tests poison them).
     """
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -260,12 +279,12 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     block_d = head_block(head_dim)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
-    common = dict(CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-                  DOT_PRECISION=dot_precision(q.dtype))
+    common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes), VARLEN=varlen, BLOCK_D=block_d,
+                  EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
-             seqlen_bucket(seqlen_q, seqlen_k))
+             *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k))
     tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))
-    lse_strides = strides(l3, varlen)[:2]
+    lse_strides = (*strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes))
     if rows_q > 0:
         # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
         _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
@@ -273,12 +292,12 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
         )
         _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
-            q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k,
+            q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
             *tensor_strides, *strides(dq4, varlen), *lse_strides, *sizes, **common,
         )
     if k4.shape[1] > 0:
         _dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
-            q4, k4, v4, do4, lse, delta, dk4, dv4, cu_seqlens_q, cu_seqlens_k,
+            q4, k4, v4, do4, lse, delta, dk4, dv4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
             *tensor_strides, *strides(dk4, varlen), *strides(dv4, varlen), *lse_strides, *sizes, **common,
         )
     return dq, dk, dv

@@ -49,7 +49,7 @@ _FP32_CONFIGS = {
     "decode": {128: [(None, 32, 4, 2), (None, 16, 4, 1)], 256: [(None, 32, 4, 1), (None, 16, 4, 1)]},
 }
 _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32), "decode": (None, 32)}
-_KEY = ["SEQ_BUCKET", "CAUSAL", "BLOCK_D", "DOT_PRECISION"]
+_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "DOT_PRECISION"]
 _EXTRA_KEY = {"decode": ["BLOCK_M", "PAGED", "num_splits"]}
 
 

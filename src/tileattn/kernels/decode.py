@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, attend_tile, cast, finish_softmax, load_tile
+from .forward import alibi_batch_stride, variant_args, variant_flags
+from .tile import LOG2E, attend_tile, cast, finish_softmax, key_range, load_tile
 
 
 @triton.jit
@@ -41,30 +42,33 @@ def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKE
 @triton.jit
 def _decode_tile(
     acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx, k_lo, seqlen_q, seqlen_k,
-    page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale, softcap, slope,
+    window_left, window_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
     page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
     kt_ptrs = K + (page * stride_kb + row * stride_kn)[None, :] + offs_d[:, None] * stride_kd
     v_ptrs = V + (page * stride_vb + row * stride_vn)[:, None] + offs_d[None, :] * stride_vd
     return attend_tile(acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-                       CAUSAL, MASKED, EVEN_D, DOT_PRECISION)
+                       softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, MASKED, EVEN_D,
+                       DOT_PRECISION)
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable,
+    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_os, stride_ob, stride_om, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lh,
-    stride_btb,
-    seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale,
+    stride_btb, stride_ab,
+    seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -87,6 +91,9 @@ def _decode_kernel(
     mask_d = offs_d < head_dim
     q = load_tile(Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None] + offs_d[None, :] * stride_qd,
                   mask_r[:, None], mask_d[None, :], True, not EVEN_D)
+    slope = 0.0
+    if ALIBI:  # per row: the rows of a tile are different heads
+        slope = tl.load(Alibi + b * stride_ab + head, mask=mask_r, other=0.0)[:, None] * LOG2E
 
     if PAGED:
         BlockTableRow = BlockTable + b * stride_btb
@@ -100,32 +107,32 @@ def _decode_kernel(
     K += hk * stride_kh
     V += hk * stride_vh
 
-    # keys this tile's rows may see: [0, hi); [0, full) is unmasked for every row
-    first_q = start_r // group
-    last_q = tl.minimum(start_r + BLOCK_M, seqlen_q * group) - 1
-    last_q = last_q // group
-    hi = seqlen_k
-    full = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(last_q + 1 + seqlen_k - seqlen_q, 0), seqlen_k)
-        full = tl.minimum(tl.maximum(first_q + 1 + seqlen_k - seqlen_q, 0), hi)
-    full = (full // BLOCK_N) * BLOCK_N
-    # this program's split: a contiguous run of key tiles
-    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
-    lo = tl.minimum(split * tiles_per_split * BLOCK_N, hi)
-    end = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
+    last_q = (tl.minimum(start_r + BLOCK_M, seqlen_q * group) - 1) // group
+    lo, full_lo, full_hi, hi = key_range(start_r // group, last_q, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_N, CAUSAL, WINDOW)
+    # this program's split: a contiguous run of the key tiles in [lo, hi)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    split_lo = tl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
+    split_hi = tl.minimum(split_lo + tiles_per_split * BLOCK_N, hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, tl.minimum(full, end), BLOCK_N):
+    for start_n in range(split_lo, tl.minimum(full_lo, split_hi), BLOCK_N):
         m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
                                      k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
-                                     stride_vn, stride_vd, qk_scale, CAUSAL, False, PAGED, EVEN_D, DOT_PRECISION)
-    for start_n in range(tl.maximum(lo, full), end, BLOCK_N):
+                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
+                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, DOT_PRECISION)
+    for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
         m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
                                      k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
-                                     stride_vn, stride_vd, qk_scale, CAUSAL, True, PAGED, EVEN_D, DOT_PRECISION)
+                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
+                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, False, PAGED, EVEN_D, DOT_PRECISION)
+    for start_n in range(tl.maximum(tl.maximum(full_lo, full_hi), split_lo), split_hi, BLOCK_N):
+        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
+                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
+                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
+                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, DOT_PRECISION)
 
     out, lse = finish_softmax(m_i, l_i, acc)
     Out += split * stride_os + b * stride_ob
@@ -193,14 +200,16 @@ def choose_splits(programs: int, capacity: int, device: torch.device) -> int:
 
 
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
-           cache_leftpad=None, block_table=None, num_splits: int = 0, out=None, lse=None):
+           cache_leftpad=None, block_table=None, num_splits: int = 0, out=None, lse=None, window_size=(-1, -1),
+           softcap: float = 0.0, alibi_slopes=None):
     """Launch attention of q (B, Sq, H, D) over a KV cache; returns out (B, Sq, H, D) and lse
     (B, H, Sq) float32.
 
     seqlens_k (B,) int32: keys [cache_leftpad[b], seqlens_k[b]) of sequence b are attended.
     Dense cache (B_cache, capacity, Hkv, D) with optional cache_batch_idx (B,) int32; paged cache
     (num_blocks, page_size, Hkv, D) with block_table (B, max_blocks) int32. Arguments are
-    assumed checked (see tileattn.kvcache). num_splits=0 picks the split count.
+    assumed checked (see tileattn.kvcache). num_splits=0 picks the split count. Variants as in
+    :func:`tileattn.kernels.forward.forward`.
     """
     batch, seqlen_q, heads, head_dim = q.shape
     heads_kv = k_cache.shape[2]
@@ -231,12 +240,13 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
         cache_leftpad if cache_leftpad is not None else dummy,
-        block_table if paged else dummy,
+        block_table if paged else dummy, alibi_slopes,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_split.stride(), *lse_split.stride()[:3],
-        block_table.stride(0) if paged else 0,
+        block_table.stride(0) if paged else 0, alibi_batch_stride(alibi_slopes),
         seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
-        seqlen_bucket(seqlen_q, capacity),
-        CAUSAL=causal, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
+        *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
+        **variant_flags(causal, window_size, softcap, alibi_slopes), PAGED=paged,
+        HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
         HAS_LEFTPAD=cache_leftpad is not None, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         DOT_PRECISION=precision, BLOCK_M=block_m,
     )

@@ -6,33 +6,36 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, attend_tile, cast, finish_softmax, key_range, load_tile, sequence
+from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, key_range, load_tile, sequence
 
 
 @triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
     return attend_tile(acc, l_i, m_i, q, k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                        v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_m, cols, mask_d,
-                       seqlen_q, seqlen_k, qk_scale, CAUSAL, MASKED, EVEN_D, DOT_PRECISION)
+                       seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, MASKED, EVEN_D, DOT_PRECISION)
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale,
+    stride_lb, stride_lh, stride_ab,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -46,6 +49,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
+    slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
     Q += b * stride_qb + q_start * stride_qm + h * stride_qh
     q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -56,15 +60,23 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full, hi = key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
+    lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
+                                         window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
+    for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-                                  CAUSAL, False, EVEN_D, DOT_PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
+                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
+                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D,
+                                  DOT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale,
-                                  CAUSAL, True, EVEN_D, DOT_PRECISION)
+                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
+                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, EVEN_D,
+                                  DOT_PRECISION)
+    for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
+                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D,
+                                  DOT_PRECISION)
 
     out, lse = finish_softmax(m_i, l_i, acc)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
@@ -77,13 +89,15 @@ _fwd = autotuned(_fwd_kernel, "fwd")
 
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q: int = 0, max_seqlen_k: int = 0, out=None, lse=None):
+            max_seqlen_q: int = 0, max_seqlen_k: int = 0, out=None, lse=None, window_size=(-1, -1),
+            softcap: float = 0.0, alibi_slopes=None):
     """Launch the forward kernel; any strides.
 
     Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
     Varlen (cu_seqlens_q/k int32 (B + 1,) given): q (total_q, H, D), k/v (total_k, Hkv, D)
     -> out (total_q, H, D), lse (H, total_q). lse is float32, natural log. ``out`` and ``lse``
-    may be passed preallocated (tests poison them to catch unwritten elements).
+    may be passed preallocated (tests poison them to catch unwritten elements). Variants as in
+    :func:`tileattn.flash_attn_func` (window_size, softcap, alibi_slopes float32).
     """
     varlen = cu_seqlens_q is not None
     if out is None:
@@ -104,15 +118,44 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
     _fwd[grid](
-        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k,
+        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
         *strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(o4, varlen),
-        *strides(l3, varlen)[:2],
+        *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
-        seqlen_bucket(seqlen_q, seqlen_k),
-        CAUSAL=causal, VARLEN=varlen, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        DOT_PRECISION=dot_precision(q.dtype),
+        *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k),
+        **variant_flags(causal, window_size, softcap, alibi_slopes), VARLEN=varlen, BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
+
+
+_UNBOUNDED = 1 << 30  # a window side of -1: farther than any sequence reaches
+
+
+def window_bounds(causal: bool, window_size) -> tuple[bool, int, int]:
+    """(WINDOW flag, left, right) for the kernels: -1 becomes unbounded; causal caps right at 0
+    and keeps its own flag, so a causal call with no left bound needs no window."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    needed = left >= 0 or (right >= 0 and not causal)
+    return needed, left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED
+
+
+def variant_args(causal: bool, window_size, softcap: float) -> tuple:
+    """Runtime (softcap, window_left, window_right) arguments, in kernel-signature order."""
+    _, left, right = window_bounds(causal, window_size)
+    return float(softcap) if softcap else 1.0, left, right
+
+
+def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes) -> dict:
+    return dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0], SOFTCAP=bool(softcap),
+                ALIBI=alibi_slopes is not None)
+
+
+def alibi_batch_stride(alibi_slopes) -> int:
+    """Slopes are (heads,) or (batch, heads), contiguous in heads; 0 broadcasts over batch."""
+    return alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
 
 
 def check_offsets(seqlen: int, **tensors) -> None:

@@ -3,9 +3,15 @@
 Scores live in the base-2 domain inside kernels: ``s = q.k * softmax_scale * log2(e)`` so the
 softmax uses ``exp2``. LSE crosses kernel boundaries in natural log, as the API promises.
 
-Causal masks are bottom-right aligned: query i sees key j iff ``j <= i + seqlen_k - seqlen_q``.
-Each loop over tiles is split in two: tiles that every row of the block sees completely run
-with ``MASKED=False`` (no index arithmetic, no bound checks), the rest with ``MASKED=True``.
+Masks are bottom-right aligned: with diag = seqlen_k - seqlen_q, causal lets query i see key j
+iff ``j <= i + diag``, a sliding window (left, right) iff ``i + diag - left <= j <= i + diag +
+right``. Each loop over tiles is split in three: tiles that every row of the block sees
+completely run with ``MASKED=False`` (no index arithmetic, no bound checks); the tiles before
+(window's left edge) and after (diagonal, window's right edge, ragged end) run ``MASKED=True``;
+tiles nobody sees are skipped, so a window's cost grows with the window, not the sequence.
+
+Score variants are constexpr switches of one score function: softcap (``cap * tanh(s / cap)``)
+then ALiBi (``- slope * |i + diag - j|``), as flash-attn orders them.
 """
 
 import triton
@@ -56,15 +62,57 @@ def cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
-    """Set scores of keys past seqlen_k, or above the causal diagonal, to -inf.
+def tanh(x):
+    """tanh in fp32 from exp2 (the interpreter has no libdevice): a short series near 0, where
+    (1 - e) / (1 + e) would cancel, the closed form elsewhere; a few ulp either way."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(-2.0 * LOG2E * ax)
+    closed = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.3, series, closed)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def score_tile(qk, q_idx, k_idx, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Raw q.k products -> base-2 scores: scale, then softcap, then ALiBi (slope already in
+    base 2). Also returns tanh of the capped argument, which the backward's chain rule needs."""
+    if SOFTCAP:
+        th = tanh(qk * (qk_scale / (softcap * LOG2E)))
+        s = th * (softcap * LOG2E)
+    else:
+        th = qk
+        s = qk * qk_scale
+    if ALIBI:
+        s = s - slope * tl.abs(q_idx + (seqlen_k - seqlen_q) - k_idx).to(tl.float32)
+    return s, th
+
+
+@triton.jit
+def alibi_slope(Alibi, b, h, stride_ab, ALIBI: tl.constexpr):
+    """This (batch, head)'s ALiBi slope in base 2 (0 without ALiBi)."""
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h) * LOG2E
+    return slope
+
+
+@triton.jit
+def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, window_left, window_right,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Set scores of keys past seqlen_k, above the causal diagonal or outside the window to -inf.
 
     q_idx and k_idx are index vectors already shaped to broadcast against s, so the same code
     serves s = Q.K^T (forward, dq) and s^T = K.Q^T (dk/dv).
     """
     s = tl.where(k_idx < seqlen_k, s, float("-inf"))
+    diag = q_idx + (seqlen_k - seqlen_q)
     if CAUSAL:
-        s = tl.where(k_idx <= q_idx + (seqlen_k - seqlen_q), s, float("-inf"))
+        s = tl.where(k_idx <= diag, s, float("-inf"))
+    if WINDOW:
+        s = tl.where((k_idx >= diag - window_left) & (k_idx <= diag + window_right), s, float("-inf"))
     return s
 
 
@@ -88,7 +136,9 @@ def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION
 @triton.jit
 def attend_tile(
     acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    softcap, slope, window_left, window_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The forward step shared by the dense/varlen and the KV-cache kernels: load K^T [D, N] and
     V [N, D] from pointer tiles the caller built (strided or gathered from pages), score them
@@ -96,9 +146,11 @@ def attend_tile(
     index; both count from the sequence's first key/query."""
     kt = load_tile(kt_ptrs, (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
     v = load_tile(v_ptrs, (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    s = mma(q, kt, None, DOT_PRECISION) * qk_scale
+    s, _ = score_tile(mma(q, kt, None, DOT_PRECISION), q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale,
+                      softcap, slope, SOFTCAP, ALIBI)
     if MASKED:
-        s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, CAUSAL)
+        s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
+                        WINDOW)
     return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
 
 
@@ -135,38 +187,53 @@ def sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): keys [0, full) need no mask, [full, hi) do.
+def key_range(first_q, last_q, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Key tiles for query rows [first_q, last_q]: (lo, full_lo, full_hi, hi).
 
-    full is a multiple of BLOCK_N; the masked range holds the causal diagonal and the ragged
-    last key tile.
+    Run [lo, min(full_lo, hi)) masked, [full_lo, full_hi) unmasked (every row sees every key),
+    [max(full_lo, full_hi), hi) masked. lo, full_lo, full_hi are multiples of BLOCK_N; keys
+    outside [lo, hi) are seen by no row.
     """
+    diag = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
     hi = seqlen_k
-    full = seqlen_k
+    full_hi = seqlen_k
     if CAUSAL:
-        diag = seqlen_k - seqlen_q
-        # the last row of the block sees keys < start_m + BLOCK_M + diag, the first < start_m + diag + 1
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seqlen_k)
-        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), hi)
-    full = (full // BLOCK_N) * BLOCK_N
-    return full, hi
+        hi = tl.minimum(tl.maximum(last_q + diag + 1, 0), seqlen_k)
+        full_hi = tl.minimum(tl.maximum(first_q + diag + 1, 0), hi)
+    if WINDOW:
+        hi = tl.minimum(tl.maximum(last_q + diag + window_right + 1, 0), hi)
+        full_hi = tl.minimum(tl.maximum(first_q + diag + window_right + 1, 0), tl.minimum(full_hi, hi))
+        lo = tl.minimum(tl.maximum(first_q + diag - window_left, 0), hi)
+        full_lo = tl.maximum(last_q + diag - window_left, lo)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def query_range(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """For keys [start_n, start_n + BLOCK_N): query tiles [lo, full) need the causal mask,
-    [full, full_end) need no mask, and [max(full, full_end), seqlen_q) is the ragged tail.
-    All returned bounds are multiples of BLOCK_M.
+def query_range(first_k, last_k, seqlen_q, seqlen_k, window_left, window_right,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query tiles for key rows [first_k, last_k]: (lo, full_lo, full_hi, hi), used as in
+    key_range. Query i sees key j iff j - diag - right <= i <= j - diag + left (causal: right 0).
     """
-    full_end = (seqlen_q // BLOCK_M) * BLOCK_M
+    diag = seqlen_k - seqlen_q
     lo = 0
-    full = 0
+    full_lo = 0
+    hi = seqlen_q
+    full_hi = seqlen_q
     if CAUSAL:
-        diag = seqlen_k - seqlen_q
-        # query i sees key j iff i >= j - diag: the first key of the block from row start_n - diag,
-        # all keys of the block from row start_n + BLOCK_N - 1 - diag
-        lo = tl.minimum(tl.maximum(start_n - diag, 0), seqlen_q)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        first_full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), seqlen_q)
-        full = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    return lo, full, full_end
+        lo = tl.minimum(tl.maximum(first_k - diag, 0), seqlen_q)
+        full_lo = tl.maximum(last_k - diag, lo)
+    if WINDOW:
+        lo = tl.minimum(tl.maximum(first_k - diag - window_right, lo), seqlen_q)
+        full_lo = tl.maximum(last_k - diag - window_right, tl.maximum(full_lo, lo))
+        hi = tl.minimum(tl.maximum(last_k - diag + window_left + 1, 0), seqlen_q)
+        full_hi = tl.minimum(tl.maximum(first_k - diag + window_left + 1, 0), hi)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    full_hi = (full_hi // BLOCK_M) * BLOCK_M  # rows past seqlen_q need the row mask
+    return lo, full_lo, full_hi, hi

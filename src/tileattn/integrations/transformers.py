@@ -12,6 +12,9 @@ nothing is padded; the attention function only reshapes and routes:
 - decode steps (a few queries against a longer cache, no gradient): the KV-cache kernel, which
   splits the keys across SMs and reads each K/V head once for its whole GQA group;
 - otherwise: the dense kernel. K/V arrive un-repeated for GQA and are never repeated.
+
+Sliding windows (Mistral, Qwen2, Gemma 2) and logit softcapping (Gemma 2) pass through to the
+kernels; attention sinks (s_aux) and attention dropout are refused with NotImplementedError.
 """
 
 from __future__ import annotations
@@ -39,18 +42,21 @@ def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = 
     return attention_mask.bool()
 
 
-def _unsupported(dropout, sliding_window, softcap, s_aux, kv_length: int) -> str | None:
+def _unsupported(dropout, s_aux) -> str | None:
     if dropout:
         return (f"attention dropout (dropout={dropout} while training); set config.attention_dropout=0.0 "
                 "or use attn_implementation='sdpa'")
-    if softcap:
-        return f"attention logit softcapping (softcap={softcap})"
     if s_aux is not None:
         return "attention sinks (s_aux)"
-    if sliding_window is not None and kv_length > sliding_window:
-        # shorter sequences never reach the window edge, so the window changes nothing there
-        return f"sliding-window attention over {kv_length} keys (window {sliding_window})"
     return None
+
+
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    """transformers' sliding window w lets a query see the w - 1 keys before it (and, without
+    causal, the w - 1 after), as its own mask functions and flash-attn integration do."""
+    if sliding_window is None:
+        return (-1, -1)
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
 def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -64,7 +70,7 @@ def _unpad(x: torch.Tensor, mask: torch.Tensor):
     return x.reshape(-1, *x.shape[2:])[indices], indices, _cu_seqlens(lengths), int(lengths.max())
 
 
-def _padded(q, k, v, mask, scale, causal):
+def _padded(q, k, v, mask, scale, causal, variants):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     mask_q = mask[:, -seqlen_q:]  # queries are the newest tokens
@@ -75,13 +81,13 @@ def _padded(q, k, v, mask, scale, causal):
     k_unpad, idx_k, cu_k, max_k = _unpad(k, mask)
     v_unpad = v.reshape(-1, *v.shape[2:])[idx_k]
     out_unpad = flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k,
-                                       softmax_scale=scale, causal=causal)
+                                       softmax_scale=scale, causal=causal, **variants)
     out = q.new_zeros(batch * seqlen_q, heads, head_dim)
     out[idx_q] = out_unpad
     return out.view(batch, seqlen_q, heads, head_dim)
 
 
-def _dense(q, k, v, scale, causal):
+def _dense(q, k, v, scale, causal, variants):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS
@@ -89,8 +95,10 @@ def _dense(q, k, v, scale, causal):
         # the cache is full to seqlen_k; built on the device, so nothing synchronizes
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
         scale = scale if scale is not None else head_dim**-0.5
-        return ops.fwd_kvcache(q, k, v, seqlens, None, None, None, float(scale), causal, 0)[0]
-    return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        left, right = variants["window_size"]
+        return ops.fwd_kvcache(q, k, v, seqlens, None, None, None, float(scale), causal, 0, left, right,
+                               float(variants["softcap"]), None)[0]
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, **variants)
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: int, seqlen_k: int):
@@ -122,7 +130,7 @@ def tileattn_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention contract: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) with the
     cache already updated; returns (out (B, Sq, H, D), None)."""
-    problem = _unsupported(dropout, sliding_window, softcap, s_aux, key.shape[2])
+    problem = _unsupported(dropout, s_aux)
     if problem:
         raise NotImplementedError(f"tileattn does not support {problem} yet")
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -136,6 +144,7 @@ def tileattn_attention_forward(
         v = F.pad(v, (0, q.shape[-1] - v_head_dim))
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, seqlen_q = q.shape[:2]
+    variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0))
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -147,11 +156,12 @@ def tileattn_attention_forward(
         out = flash_attn_varlen_func(
             q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
             cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), softmax_scale=scaling, causal=causal,
+            **variants,
         ).view(batch, seqlen_q, *q.shape[2:])
     elif attention_mask is not None:
-        out = _padded(q, k, v, attention_mask, scaling, causal)
+        out = _padded(q, k, v, attention_mask, scaling, causal, variants)
     else:
-        out = _dense(q, k, v, scaling, causal)
+        out = _dense(q, k, v, scaling, causal, variants)
     return out[..., :v_head_dim], None
 
 

@@ -279,7 +279,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     block_d = head_block(head_dim)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
-    common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes), VARLEN=varlen, BLOCK_D=block_d,
+    common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), VARLEN=varlen, BLOCK_D=block_d,
                   EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
              *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k))

@@ -185,15 +185,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_splits(programs: int, capacity: int, device: torch.device) -> int:
-    """Split only when the batch's programs leave most SMs idle, up to about one wave, with at
-    least 512 keys per split. (On an H100, 64 single-split programs already stream at 2.96
-    TB/s, while each split adds partial-result traffic and a merge.)
+def choose_splits(programs: int, capacity: int, device: torch.device, paged: bool = False) -> int:
+    """Dense caches: split only when the batch's programs leave most SMs idle, up to about one
+    wave, with at least 512 keys per split (on an H100, 64 single-split programs already stream
+    at 2.9 TB/s, while each split adds partial-result traffic and a merge). Paged caches wait on
+    a page-table load before each K/V load, so they want about two programs per SM and split
+    down to 256 keys.
 
     Decided from the cache capacity, not the actual lengths, so choosing never reads a device
     tensor (no host sync; CUDA-graph capturable)."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
+    if paged:
+        if programs >= 2 * sms:
+            return 1
+        return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 256), MAX_SPLITS))
     if programs * 8 >= sms * 3:
         return 1
     return max(1, min(triton.cdiv(sms, programs), triton.cdiv(capacity, 512), MAX_SPLITS))
@@ -226,7 +232,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     block_m = max(16, min(64, triton.next_power_of_2(seqlen_q * group)))
     m_tiles = triton.cdiv(seqlen_q * group, block_m)
     if num_splits <= 0:
-        num_splits = choose_splits(batch * heads_kv * m_tiles, capacity, q.device)
+        num_splits = choose_splits(batch * heads_kv * m_tiles, capacity, q.device, paged)
     num_splits = min(num_splits, MAX_SPLITS)
     if num_splits > 1:
         out_split = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
@@ -245,7 +251,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         block_table.stride(0) if paged else 0, alibi_batch_stride(alibi_slopes),
         seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
-        **variant_flags(causal, window_size, softcap, alibi_slopes), PAGED=paged,
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q), PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
         HAS_LEFTPAD=cache_leftpad is not None, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         DOT_PRECISION=precision, BLOCK_M=block_m,

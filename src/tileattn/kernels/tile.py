@@ -62,9 +62,20 @@ def cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def tanh(x):
-    """tanh in fp32 from exp2 (the interpreter has no libdevice): a short series near 0, where
-    (1 - e) / (1 + e) would cancel, the closed form elsewhere; a few ulp either way."""
+def tanh(x, APPROX: tl.constexpr):
+    """tanh in fp32. APPROX: the GPU's one-instruction tanh.approx (relative error ~2**-11, below
+    fp16/bf16 input rounding); else from exp2 (the interpreter has no libdevice or inline asm):
+    a short series near 0, where (1 - e) / (1 + e) would cancel, the closed form elsewhere."""
+    if APPROX:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        t = _tanh_exp2(x)
+    return t
+
+
+@triton.jit
+def _tanh_exp2(x):
     ax = tl.abs(x)
     e = tl.math.exp2(-2.0 * LOG2E * ax)
     closed = (1.0 - e) / (1.0 + e)
@@ -78,9 +89,10 @@ def tanh(x):
 def score_tile(qk, q_idx, k_idx, seqlen_q, seqlen_k, qk_scale, softcap, slope,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Raw q.k products -> base-2 scores: scale, then softcap, then ALiBi (slope already in
-    base 2). Also returns tanh of the capped argument, which the backward's chain rule needs."""
+    base 2). Also returns tanh of the capped argument, which the backward's chain rule needs.
+    SOFTCAP: 0 off, 1 exact tanh, 2 the GPU's approximate tanh (fp16/bf16 on CUDA)."""
     if SOFTCAP:
-        th = tanh(qk * (qk_scale / (softcap * LOG2E)))
+        th = tanh(qk * (qk_scale / (softcap * LOG2E)), SOFTCAP == 2)
         s = th * (softcap * LOG2E)
     else:
         th = qk

@@ -138,6 +138,7 @@ VARIANTS = {
     "window": dict(window_size=(6, 0)),
     "softcap-alibi": dict(softcap=1.5, alibi_slopes="batch"),
     "window-softcap-alibi": dict(window_size=(20, 0), softcap=2.0, alibi_slopes="batch"),
+    "sink-window": dict(window_size=(9, 0), learnable_sink="heads"),
 }
 
 
@@ -148,6 +149,8 @@ def test_kvcache_variants(backend, name, paged, splits):
     variants = dict(VARIANTS[name])
     if variants.get("alibi_slopes") == "batch":
         variants["alibi_slopes"] = torch.rand(len(LENGTHS), HEADS, device=DEVICE) * 0.5 + 0.05
+    if variants.get("learnable_sink") == "heads":
+        variants["learnable_sink"] = torch.randn(HEADS, device=DEVICE)
     out, lse, ref_out, ref_lse, _, _ = _case(new_len=3, seqlen_q=3, rotary=None, causal=True, paged=paged,
                                              batch_idx=False, leftpad=True, splits=splits, variants=variants)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)

@@ -32,6 +32,9 @@ CASES = {
     "softcap-alibi": (1, 60, 60, 4, 1, 32, True, dict(softcap=2.0, alibi_slopes="heads")),
     "window-softcap-alibi-gqa": (2, 77, 77, 4, 2, 64, True, dict(window_size=(12, 0), softcap=3.0,
                                                                  alibi_slopes="batch")),
+    "sink": (2, 70, 90, 4, 2, 40, False, dict(learnable_sink="heads")),
+    "sink-causal-sq-gt-sk": (1, 90, 30, 4, 1, 32, True, dict(learnable_sink="heads")),
+    "sink-window-gqa": (2, 64, 64, 4, 2, 64, True, dict(window_size=(10, 0), learnable_sink="heads")),
 }
 
 
@@ -44,6 +47,8 @@ def test_variant_matches_reference(backend, name, dtype):
         variants["alibi_slopes"] = _slopes(heads)
     elif variants.get("alibi_slopes") == "batch":
         variants["alibi_slopes"] = _slopes(batch, heads)
+    if variants.get("learnable_sink") == "heads":
+        variants["learnable_sink"] = torch.randn(heads, device=DEVICE) * 2
     q, k, v = make_qkv(batch, sq, sk, heads, heads_kv, dim, dtype=dtype)
     # window (0, 0) at Sq == Sk: each query sees only its own key, p == 1 and the exact dk is 0,
     # which PyTorch's softmax backward hits exactly (g - g); judge the gradients separately
@@ -90,5 +95,36 @@ def test_varlen_window_alibi_per_sequence(backend):
     ref_out = torch.cat(outs)
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, dout.double())
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=0)
+
+
+def test_sink_rows_without_keys_output_zero_with_lse_sink(backend):
+    """Causal with Sq > Sk: the first queries see no key; with a sink they output 0, LSE = sink."""
+    q, k, v = make_qkv(1, 12, 4, 2, 2, 16)
+    sink = torch.tensor([0.5, -1.0], device=DEVICE)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, learnable_sink=sink)
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True, learnable_sink=sink)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+    assert (out[0, :8] == 0).all() and torch.equal(lse[0, :, :8], sink[:, None].expand(2, 8))
+
+
+def test_varlen_sink_gradient(backend):
+    lengths = [5, 40, 0, 17]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), 4, 32, device=DEVICE) for _ in range(3))
+    sink = torch.randn(4, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    out = flash_attn_varlen_func(*leaves[:3], cu, cu, 40, 40, causal=True, learnable_sink=leaves[3])
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, sink)]
+    outs = []
+    for b in range(len(lengths)):
+        s0, s1 = cu[b], cu[b + 1]
+        o, _ = attention_ref(*(x[None, s0:s1] for x in ref_leaves[:3]), causal=True, learnable_sink=ref_leaves[3])
+        outs.append(o[0])
+    ref_grads = torch.autograd.grad(torch.cat(outs), ref_leaves, dout.double())
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=0)

@@ -22,6 +22,8 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Exact attention, softmax(q k^T * softmax_scale) v, without materializing the scores.
 
@@ -41,6 +43,8 @@ def flash_attn_func(
         alibi_slopes: float32 (heads,) or (batch, heads): adds -slope * |i + Sk - Sq - j| to the
             scores after softcap (BLOOM, MPT). No gradient flows to the slopes.
         deterministic: accepted for compatibility; the backward is always deterministic.
+        learnable_sink: (heads,) attention sinks (gpt-oss's s_aux, flash-attn-4's name): one
+            extra logit per head in every row's softmax, with no value; it gets a gradient.
         dropout_p: not supported yet; anything but 0 raises NotImplementedError.
         return_attn_probs: also return the LSE (see Returns).
 
@@ -60,9 +64,10 @@ def flash_attn_func(
     """
     check_qkv(q, k, v)
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2],
-                              q.device)
+                              q.device, learnable_sink)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants, alibi_slopes)
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants, alibi_slopes,
+                       learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -60,6 +60,8 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Append k/v to a KV cache in place, then attend q to the cache (flash-decoding).
 
@@ -82,7 +84,7 @@ def flash_attn_with_kvcache(
         num_splits: how many programs split one sequence's keys; 0 chooses from the SM count,
             batch, heads and capacity. Any value gives the same result up to rounding.
         window_size, softcap, alibi_slopes: as in :func:`tileattn.flash_attn_func`, with each
-            sequence's diagonal at its length after appending.
+            sequence's diagonal at its length after appending; learnable_sink (heads,) likewise.
         return_softmax_lse: also return the LSE (batch, heads, seqlen_q) float32.
 
     Returns:
@@ -98,7 +100,8 @@ def flash_attn_with_kvcache(
         >>> flash_attn_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=lens, causal=True).shape
         torch.Size([2, 1, 8, 64])
     """
-    variants = check_features(0.0, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2], q.device)
+    variants = check_features(0.0, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2], q.device,
+                              learnable_sink)
     cache_seqlens = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                   cache_leftpad, block_table, num_splits)
     seqlens_k = cache_seqlens
@@ -115,5 +118,5 @@ def flash_attn_with_kvcache(
         seqlens_k = cache_seqlens + new_len
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = ops.fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, scale,
-                               bool(causal), int(num_splits), *variants, alibi_slopes)
+                               bool(causal), int(num_splits), *variants, alibi_slopes, learnable_sink)
     return (out, lse) if return_softmax_lse else out

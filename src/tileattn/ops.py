@@ -31,18 +31,19 @@ def fwd(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    learnable_sink: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse float32: (B, H, Sq) dense, (H, total_q) varlen). ``deterministic`` is
     carried for the backward."""
     out, lse = get_backend(q.device).forward(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, window_size=(window_left, window_right),
-                                             softcap=softcap, alibi_slopes=alibi_slopes)
+                                             softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
     return out.contiguous(), lse.contiguous()
 
 
 @fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
-      window_left, window_right, softcap, alibi_slopes):
+      window_left, window_right, softcap, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -82,17 +83,31 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def _setup_context(ctx, inputs, output):
     # args: max_seqlen_q/k, scale, causal, deterministic, window_left/right, softcap
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, learnable_sink = inputs
     out, lse = output
     # flash-attn semantics: the LSE output carries no gradient (requires_grad=False says so)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
+
+
+def _sink_grad(dout, out, lse, sink, varlen: bool):
+    """d loss / d sink_h = -sum over rows of p_sink * rowsum(dO * O), p_sink = exp(sink - lse):
+    the sink is a key whose value is zero, so only the softmax normalization carries its
+    gradient. Summed over batch and queries, in float32."""
+    delta = (dout.float() * out.float()).sum(-1)  # (B, Sq, H) dense, (total, H) varlen
+    delta = delta.transpose(0, 1) if varlen else delta.transpose(1, 2)  # lse's layout
+    sink = sink.float().view(-1, 1) if varlen else sink.float().view(1, -1, 1)
+    grad = -(torch.exp(sink - lse) * delta)
+    return grad.sum(1) if varlen else grad.sum((0, 2))
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink = ctx.saved_tensors
     dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
-    return dq, dk, dv, *([None] * 11)
+    dsink = None
+    if learnable_sink is not None and ctx.needs_input_grad[-1]:
+        dsink = _sink_grad(dout, out, lse, learnable_sink, cu_seqlens_q is not None).to(learnable_sink.dtype)
+    return dq, dk, dv, *([None] * 11), dsink
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -114,15 +129,16 @@ def fwd_kvcache(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    learnable_sink: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Sq, H, D) over a KV cache (keys [leftpad, seqlens_k) per sequence):
     (out like q, lse (B, H, Sq) float32). Forward only, as in flash-attn."""
     return get_backend(q.device).decode(q, k_cache, v_cache, seqlens_k, softmax_scale, causal, cache_batch_idx,
                                         cache_leftpad, block_table, num_splits, window_size=(window_left, window_right),
-                                        softcap=softcap, alibi_slopes=alibi_slopes)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
 
 
 @fwd_kvcache.register_fake
 def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits,
-      window_left, window_right, softcap, alibi_slopes):
+      window_left, window_right, softcap, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)

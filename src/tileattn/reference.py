@@ -50,6 +50,7 @@ def attention_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention.
 
@@ -59,6 +60,8 @@ def attention_ref(
         window_size: (left, right) sliding window, bottom-right aligned; combines with causal.
         softcap: > 0 replaces scores s by softcap * tanh(s / softcap) (after the scale).
         alibi_slopes: (heads,) or (batch, heads); adds -slope * |i + Sk - Sq - j| after softcap.
+        learnable_sink: (heads,) one extra logit per head in every row's softmax, with no value
+            (gpt-oss's attention sinks); a row that sees no key then outputs 0 with LSE = sink.
     Returns:
         out (batch, seqlen_q, heads, head_dim) in q's dtype (float64 when upcast),
         lse (batch, heads, seqlen_q) natural-log log-sum-exp of the scaled scores; rows that
@@ -81,8 +84,13 @@ def attention_ref(
         right = 0 if right < 0 else min(right, 0)
     if (left, right) != (-1, -1):
         scores = scores.masked_fill(~window_mask(seqlen_q, seqlen_k, (left, right), q.device), float("-inf"))
+    if learnable_sink is not None:
+        sink = learnable_sink.to(scores.dtype).view(1, heads, 1, 1).expand(batch, heads, seqlen_q, 1)
+        scores = torch.cat([scores, sink], dim=-1)
     lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
     # softmax of an all -inf row is NaN; such rows attend to nothing and output 0
     probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).nan_to_num(0.0)
+    if learnable_sink is not None:
+        probs = probs[..., :-1]
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(dtype), v)
     return out, lse.float() if not upcast else lse

@@ -56,27 +56,32 @@ def _lse_err(lse: torch.Tensor, ref: torch.Tensor) -> float:
 def check_attention(fn, q, k, v, causal: bool = False, softmax_scale: float | None = None, backward: bool = True,
                     **variants):
     """Run ``fn(q, k, v, causal=..., softmax_scale=..., return_attn_probs=True, **variants)`` and
-    judge it; variants (window_size, softcap, alibi_slopes) go to the oracle too.
+    judge it; variants (window_size, softcap, alibi_slopes, learnable_sink) go to the oracle too.
 
-    Returns a list of :class:`Check` for out, lse and (with backward) dq, dk, dv.
+    Returns a list of :class:`Check` for out, lse and (with backward) dq, dk, dv, and dsink
+    when a learnable_sink is given.
     """
     dout = torch.randn(q.shape, dtype=q.dtype, device=q.device)
 
+    sink = variants.pop("learnable_sink", None)
+
     def run(f, upcast_to=None):
-        leaves = [x.detach().to(upcast_to or x.dtype).requires_grad_(backward) for x in (q, k, v)]
+        tensors = (q, k, v) if sink is None else (q, k, v, sink)
+        leaves = [x.detach().to(upcast_to or x.dtype).requires_grad_(backward) for x in tensors]
         out, lse = f(*leaves)
         grads = torch.autograd.grad(out, leaves, dout.to(out.dtype)) if backward else ()
         return out.detach(), lse.detach(), grads
 
-    def ours(q_, k_, v_):
-        out, lse, _ = fn(q_, k_, v_, causal=causal, softmax_scale=softmax_scale, return_attn_probs=True, **variants)
+    def ours(q_, k_, v_, sink_=None):
+        out, lse, _ = fn(q_, k_, v_, causal=causal, softmax_scale=softmax_scale, return_attn_probs=True,
+                         **variants, **({} if sink_ is None else {"learnable_sink": sink_}))
         return out, lse
 
-    def oracle(q_, k_, v_):
-        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=True, **variants)
+    def oracle(q_, k_, v_, sink_=None):
+        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=True, learnable_sink=sink_, **variants)
 
-    def lowp(q_, k_, v_):
-        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=False, **variants)
+    def lowp(q_, k_, v_, sink_=None):
+        return attention_ref(q_, k_, v_, softmax_scale, causal, upcast=False, learnable_sink=sink_, **variants)
 
     out, lse, grads = run(ours)
     ref_out, ref_lse, ref_grads = run(oracle, torch.float64)
@@ -87,6 +92,8 @@ def check_attention(fn, q, k, v, causal: bool = False, softmax_scale: float | No
         # LSE is float32 in both; its floor is float32 rounding at the LSE's scale
         Check("lse", _lse_err(lse, ref_lse), _lse_err(pt_lse, ref_lse), _rounding_atol(ref_lse, torch.float32)),
     ]
-    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+    # dsink is returned in the sink's dtype but, like dq/dk/dv, computed from the low-precision
+    # O and dO (rowsum(dO * O), as flash-attn computes delta), so its floor is q's dtype rounding
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, pt_grads):
         checks.append(Check(name, _max_err(g, ref_g), _max_err(pt_g, ref_g), _rounding_atol(ref_g, q.dtype)))
     return checks

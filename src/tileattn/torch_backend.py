@@ -75,10 +75,10 @@ def _sequences(cu_seqlens_q, cu_seqlens_k):
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q: int = 0, max_seqlen_k: int = 0, window_size=(-1, -1), softcap: float = 0.0,
-            alibi_slopes=None):
+            alibi_slopes=None, learnable_sink=None):
     """Dense: out (B, Sq, H, D), lse (B, H, Sq). Varlen (packed (total, H, D) inputs split by
     cu_seqlens): out (total_q, H, D), lse (H, total_q). lse is float32."""
-    variants = dict(window_size=window_size, softcap=softcap)
+    variants = dict(window_size=window_size, softcap=softcap, learnable_sink=learnable_sink)
     if cu_seqlens_q is None:
         return _dense_forward(q, k, v, softmax_scale, causal, alibi_slopes=alibi_slopes, **variants)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -115,7 +115,7 @@ def _row(alibi_slopes, b: int):
 
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
            cache_leftpad=None, block_table=None, num_splits: int = 0, window_size=(-1, -1), softcap: float = 0.0,
-           alibi_slopes=None):
+           alibi_slopes=None, learnable_sink=None):
     """Attention of q (B, Sq, H, D) over a KV cache, as :func:`tileattn.kernels.decode.decode`.
 
     The batch's cache rows (pages, or cache_batch_idx rows) are gathered into one dense tensor
@@ -131,11 +131,12 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         k, v = k_cache[:batch], v_cache[:batch]
     k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
     return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()),
-                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                          learnable_sink=learnable_sink)
 
 
 def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, window_size=(-1, -1),
-                   softcap: float = 0.0, alibi_slopes=None):
+                   softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
     """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -156,6 +157,14 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
         alpha = torch.exp(m - m_safe)
         row_sum = row_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + BLOCK_K])
+        m = m_new
+    if learnable_sink is not None:  # one more logit per head, with no value row
+        sink = learnable_sink.float().view(1, heads_kv, -1, 1)
+        m_new = torch.maximum(m, sink)
+        m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = torch.exp(m - m_safe)
+        row_sum = row_sum * alpha + torch.exp(sink - m_safe)
+        acc = acc * alpha[..., None]
         m = m_new
     empty = row_sum == 0
     out = acc / torch.where(empty, 1.0, row_sum)[..., None]

@@ -46,7 +46,7 @@ def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head
 
 
 def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch: int, heads: int,
-                   device) -> tuple[int, int, float]:
+                   device, learnable_sink=None) -> tuple[int, int, float]:
     """Checks the attention variants; returns (window_left, window_right, softcap) normalized."""
     if not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
@@ -73,6 +73,14 @@ def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
             raise ValueError("alibi_slopes must be contiguous in its last (heads) dim")
         if alibi_slopes.device != device:
             raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    if learnable_sink is not None:
+        if not isinstance(learnable_sink, torch.Tensor) or not learnable_sink.is_floating_point():
+            raise TypeError(f"learnable_sink must be a floating-point torch.Tensor, got {learnable_sink!r:.60}")
+        if tuple(learnable_sink.shape) != (heads,):
+            raise ValueError(f"learnable_sink must have shape ({heads},) (one logit per query head), got "
+                             f"{tuple(learnable_sink.shape)}")
+        if learnable_sink.device != device:
+            raise ValueError(f"learnable_sink must be on q's device {device}, got {learnable_sink.device}")
     # Not built yet: refuse rather than silently compute without dropout.
     if dropout_p != 0.0:
         raise NotImplementedError("dropout_p > 0 is not supported yet")

@@ -30,6 +30,8 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """Exact attention over packed sequences; each sequence attends only to itself.
 
@@ -59,10 +61,10 @@ def flash_attn_varlen_func(
         raise NotImplementedError("block_table with varlen is not supported yet; use flash_attn_with_kvcache")
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], q.device)
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q.shape[0] - 1,
-                              q.shape[1], q.device)
+                              q.shape[1], q.device, learnable_sink)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                       bool(deterministic), *variants, alibi_slopes)
+                       bool(deterministic), *variants, alibi_slopes, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 

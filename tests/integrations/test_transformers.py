@@ -38,6 +38,12 @@ CONFIGS = {
         num_key_value_heads=2, head_dim=16, attn_logit_softcapping=1.0, sliding_window=8, query_pre_attn_scalar=16,
         max_position_embeddings=128,
     ),
+    # attention sinks (s_aux, learned per head) with alternating sliding/full layers, MoE MLP
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+    ),
 }
 
 
@@ -96,7 +102,7 @@ def test_greedy_generation_matches_eager(name):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["phi", "llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("name", ["phi", "llama", "mistral", "gemma2", "gpt_oss"])
 def test_unpadded_decode_uses_kvcache_kernel_and_matches_eager(backend, name, monkeypatch):
     from tileattn.integrations import transformers as integration
 
@@ -110,7 +116,7 @@ def test_unpadded_decode_uses_kvcache_kernel_and_matches_eager(backend, name, mo
     assert calls and all(shape[1] == 1 for shape in calls)  # every decode step, one query each
 
 
-@pytest.mark.parametrize("name", ["phi", "llama", "gemma2"])
+@pytest.mark.parametrize("name", ["phi", "llama", "gemma2", "gpt_oss"])
 def test_training_step_gradients_match_eager(backend, name):
     ours, eager = _models(name)
     ids, mask = _batch("right")

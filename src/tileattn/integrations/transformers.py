@@ -13,8 +13,9 @@ nothing is padded; the attention function only reshapes and routes:
   splits the keys across SMs and reads each K/V head once for its whole GQA group;
 - otherwise: the dense kernel. K/V arrive un-repeated for GQA and are never repeated.
 
-Sliding windows (Mistral, Qwen2, Gemma 2) and logit softcapping (Gemma 2) pass through to the
-kernels; attention sinks (s_aux) and attention dropout are refused with NotImplementedError.
+Sliding windows (Mistral, Qwen2, Gemma 2), logit softcapping (Gemma 2) and attention sinks
+(gpt-oss's s_aux) pass through to the kernels; attention dropout is refused with
+NotImplementedError.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = 
     return attention_mask.bool()
 
 
-def _unsupported(dropout, s_aux) -> str | None:
+def _unsupported(dropout) -> str | None:
     if dropout:
         return (f"attention dropout (dropout={dropout} while training); set config.attention_dropout=0.0 "
                 "or use attn_implementation='sdpa'")
-    if s_aux is not None:
-        return "attention sinks (s_aux)"
     return None
 
 
@@ -97,7 +96,7 @@ def _dense(q, k, v, scale, causal, variants):
         scale = scale if scale is not None else head_dim**-0.5
         left, right = variants["window_size"]
         return ops.fwd_kvcache(q, k, v, seqlens, None, None, None, float(scale), causal, 0, left, right,
-                               float(variants["softcap"]), None)[0]
+                               float(variants["softcap"]), None, variants["learnable_sink"])[0]
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, **variants)
 
 
@@ -130,7 +129,7 @@ def tileattn_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention contract: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) with the
     cache already updated; returns (out (B, Sq, H, D), None)."""
-    problem = _unsupported(dropout, s_aux)
+    problem = _unsupported(dropout)
     if problem:
         raise NotImplementedError(f"tileattn does not support {problem} yet")
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -144,7 +143,7 @@ def tileattn_attention_forward(
         v = F.pad(v, (0, q.shape[-1] - v_head_dim))
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, seqlen_q = q.shape[:2]
-    variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0))
+    variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0), learnable_sink=s_aux)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
 from .forward import alibi_batch_stride, variant_args, variant_flags
-from .tile import LOG2E, attend_tile, cast, finish_softmax, key_range, load_tile
+from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _decode_tile(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable, Alibi,
+    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable, Alibi, Sinks,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -67,8 +67,8 @@ def _decode_kernel(
     stride_btb, stride_ab,
     seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
-    HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -134,6 +134,9 @@ def _decode_kernel(
                                      stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
                                      CAUSAL, WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, DOT_PRECISION)
 
+    if SINK:  # the sink joins split 0's partial only, so the merge counts it once
+        sink = tl.load(Sinks + head, mask=mask_r, other=0.0).to(tl.float32) * LOG2E
+        m_i, l_i, acc = fold_sink(m_i, l_i, acc, tl.where(split == 0, sink, float("-inf")))
     out, lse = finish_softmax(m_i, l_i, acc)
     Out += split * stride_os + b * stride_ob
     o_ptrs = Out + (q_idx * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_od
@@ -207,7 +210,7 @@ def choose_splits(programs: int, capacity: int, device: torch.device, paged: boo
 
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
            cache_leftpad=None, block_table=None, num_splits: int = 0, out=None, lse=None, window_size=(-1, -1),
-           softcap: float = 0.0, alibi_slopes=None):
+           softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
     """Launch attention of q (B, Sq, H, D) over a KV cache; returns out (B, Sq, H, D) and lse
     (B, H, Sq) float32.
 
@@ -246,12 +249,12 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
         cache_leftpad if cache_leftpad is not None else dummy,
-        block_table if paged else dummy, alibi_slopes,
+        block_table if paged else dummy, alibi_slopes, learnable_sink,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_split.stride(), *lse_split.stride()[:3],
         block_table.stride(0) if paged else 0, alibi_batch_stride(alibi_slopes),
         seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q), PAGED=paged,
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
         HAS_LEFTPAD=cache_leftpad is not None, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         DOT_PRECISION=precision, BLOCK_M=block_m,

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, key_range, load_tile, sequence
+from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile, sequence
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, Sinks,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -33,8 +33,8 @@ def _fwd_kernel(
     stride_lb, stride_lh, stride_ab,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -78,6 +78,8 @@ def _fwd_kernel(
                                   slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D,
                                   DOT_PRECISION)
 
+    if SINK:
+        m_i, l_i, acc = fold_sink(m_i, l_i, acc, tl.load(Sinks + h).to(tl.float32) * LOG2E)
     out, lse = finish_softmax(m_i, l_i, acc)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
     o_ptrs = Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -90,14 +92,15 @@ _fwd = autotuned(_fwd_kernel, "fwd")
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q: int = 0, max_seqlen_k: int = 0, out=None, lse=None, window_size=(-1, -1),
-            softcap: float = 0.0, alibi_slopes=None):
+            softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
     """Launch the forward kernel; any strides.
 
     Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
     Varlen (cu_seqlens_q/k int32 (B + 1,) given): q (total_q, H, D), k/v (total_k, Hkv, D)
     -> out (total_q, H, D), lse (H, total_q). lse is float32, natural log. ``out`` and ``lse``
     may be passed preallocated (tests poison them to catch unwritten elements). Variants as in
-    :func:`tileattn.flash_attn_func` (window_size, softcap, alibi_slopes float32).
+    :func:`tileattn.flash_attn_func` (window_size, softcap, alibi_slopes float32, learnable_sink
+    (H,); its gradient is computed by the caller from the LSE).
     """
     varlen = cu_seqlens_q is not None
     if out is None:
@@ -118,12 +121,13 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
     _fwd[grid](
-        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink,
         *strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(o4, varlen),
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q), VARLEN=varlen, BLOCK_D=block_d,
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
+        VARLEN=varlen, BLOCK_D=block_d,
         EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

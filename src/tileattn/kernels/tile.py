@@ -167,6 +167,17 @@ def attend_tile(
 
 
 @triton.jit
+def fold_sink(m_i, l_i, acc, sink):
+    """Fold a per-row base-2 sink logit (a key with no value) into (m, l, acc); sink = -inf is a
+    no-op, and a row that saw no key keeps acc = 0 but gains l > 0 (output 0, LSE = sink)."""
+    m_new = tl.maximum(m_i, sink)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.math.exp2(sink - m_safe)
+    return m_new, l_i, acc * alpha[:, None]
+
+
+@triton.jit
 def finish_softmax(m_i, l_i, acc):
     """Normalize the accumulator; returns (out, natural-log lse). Empty rows: 0 and -inf."""
     empty = l_i == 0.0

@@ -152,7 +152,6 @@ BAD_INPUTS = {
     "scale_not_number": (dict(softmax_scale="big"), TypeError, "softmax_scale must be a finite number"),
     "scale_nan": (dict(softmax_scale=float("nan")), TypeError, "softmax_scale must be a finite number"),
     "window_not_pair": (dict(window_size=(1, 2, 3)), ValueError, r"window_size must be a pair"),
-    "dropout_unbuilt": (dict(dropout_p=0.1), NotImplementedError, "dropout_p"),
     "window_below_minus_one": (dict(window_size=(-2, 0)), ValueError, "window_size left must be an int >= 0"),
     "window_float": (dict(window_size=(4.5, 0)), ValueError, "window_size left"),
     "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),

@@ -12,11 +12,12 @@ from .helpers import make_qkv
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_opcheck_forward_and_backward(backend, causal):
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 19, 23, 4, 2, 16))
-    torch.library.opcheck(ops.fwd, (q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, None, None))
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, None, None)
+    torch.library.opcheck(ops.fwd, (q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None))
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
     dout = torch.randn_like(out)
     detached = [x.detach() for x in (q, k, v, out)]
-    torch.library.opcheck(ops.bwd, (dout, *detached, lse, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, None))
+    no_variants = (-1, -1, 0.0, 0.0, 0, 0, None)
+    torch.library.opcheck(ops.bwd, (dout, *detached, lse, None, None, 0, 0, 0.25, causal, False, *no_variants))
 
 
 def test_lse_carries_no_gradient(backend):

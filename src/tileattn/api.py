@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import ops
+from .dropout import dropout_mask, new_seed
 from .validation import check_features, check_packed, check_qkv
 
 
@@ -45,13 +46,17 @@ def flash_attn_func(
         deterministic: accepted for compatibility; the backward is always deterministic.
         learnable_sink: (heads,) attention sinks (gpt-oss's s_aux, flash-attn-4's name): one
             extra logit per head in every row's softmax, with no value; it gets a gradient.
-        dropout_p: not supported yet; anything but 0 raises NotImplementedError.
-        return_attn_probs: also return the LSE (see Returns).
+        dropout_p: probability of dropping each attention probability (kept ones are scaled by
+            1 / (1 - dropout_p)), applied whenever > 0, as in flash-attn: pass 0 for evaluation.
+            The bits come from Philox seeded by torch's default generator (torch.manual_seed
+            reproduces them) and are regenerated in the backward, never stored.
+        return_attn_probs: also return the LSE and, with dropout, the keep mask (see Returns).
 
     Returns:
         out (batch, seqlen_q, heads, head_dim) in q's dtype; with return_attn_probs=True,
-        (out, softmax_lse, None) where softmax_lse is (batch, heads, seqlen_q) float32,
-        natural log.
+        (out, softmax_lse, keep) where softmax_lse is (batch, heads, seqlen_q) float32, natural
+        log (of the undropped softmax), and keep is the bool dropout mask (batch, heads,
+        seqlen_q, seqlen_k) the output was computed with, or None without dropout.
 
     Runs the Triton kernels on CUDA and a blocked PyTorch implementation of the same algorithm
     elsewhere; ``TILEATTN_BACKEND=triton|torch`` forces one.
@@ -66,9 +71,15 @@ def flash_attn_func(
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2],
                               q.device, learnable_sink)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants, alibi_slopes,
-                       learnable_sink)
-    return (out, lse, None) if return_attn_probs else out
+    seed, offset = new_seed() if dropout_p > 0 else (0, 0)
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants,
+                       float(dropout_p), seed, offset, alibi_slopes, learnable_sink)
+    if not return_attn_probs:
+        return out
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_mask(dropout_p, seed, offset, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
+    return out, lse, keep
 
 
 def flash_attn_kvpacked_func(

@@ -30,20 +30,24 @@ def fwd(
     window_left: int,
     window_right: int,
     softcap: float,
+    dropout_p: float,
+    seed: int,
+    philox_offset: int,
     alibi_slopes: torch.Tensor | None,
     learnable_sink: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse float32: (B, H, Sq) dense, (H, total_q) varlen). ``deterministic`` is
-    carried for the backward."""
+    carried for the backward; (seed, philox_offset) name the dropout bits (tileattn.dropout)."""
     out, lse = get_backend(q.device).forward(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, window_size=(window_left, window_right),
-                                             softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
+                                             softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
+                                             dropout=(dropout_p, seed, philox_offset))
     return out.contiguous(), lse.contiguous()
 
 
 @fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
-      window_left, window_right, softcap, alibi_slopes, learnable_sink):
+      window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -65,24 +69,27 @@ def bwd(
     window_left: int,
     window_right: int,
     softcap: float,
+    dropout_p: float,
+    seed: int,
+    philox_offset: int,
     alibi_slopes: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like (q, k, v). Both backends are deterministic by construction."""
     dq, dk, dv = get_backend(q.device).backward(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q,
                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 window_size=(window_left, window_right), softcap=softcap,
-                                                alibi_slopes=alibi_slopes)
+                                                alibi_slopes=alibi_slopes, dropout=(dropout_p, seed, philox_offset))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      deterministic, window_left, window_right, softcap, alibi_slopes):
+      deterministic, window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    # args: max_seqlen_q/k, scale, causal, deterministic, window_left/right, softcap
+    # args: max_seqlen_q/k, scale, causal, deterministic, window_left/right, softcap, dropout_p, seed, offset
     q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, learnable_sink = inputs
     out, lse = output
     # flash-attn semantics: the LSE output carries no gradient (requires_grad=False says so)
@@ -107,7 +114,7 @@ def _backward(ctx, dout, dlse):
     dsink = None
     if learnable_sink is not None and ctx.needs_input_grad[-1]:
         dsink = _sink_grad(dout, out, lse, learnable_sink, cu_seqlens_q is not None).to(learnable_sink.dtype)
-    return dq, dk, dv, *([None] * 11), dsink
+    return dq, dk, dv, *([None] * 14), dsink
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

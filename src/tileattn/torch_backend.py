@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import keep_mask
 from .layout import lse_shape
 
 BLOCK_K = 256
@@ -60,6 +61,18 @@ def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None
     return s, th
 
 
+def _keep(dropout, first_batch: int, batch: int, heads_kv: int, group: int, seqlen_q: int, n0: int, chunk: int,
+          device):
+    """1 / (1 - p) where kept, 0 where dropped, for keys [n0, n0 + chunk): (B, Hkv, group, Sq, chunk),
+    the bits the kernels draw (tileattn.dropout)."""
+    p, seed, offset = dropout
+    b = torch.arange(first_batch, first_batch + batch, device=device).view(-1, 1, 1, 1, 1)
+    h = torch.arange(heads_kv * group, device=device).view(1, heads_kv, group, 1, 1)
+    i = torch.arange(seqlen_q, device=device).view(1, 1, 1, -1, 1)
+    j = torch.arange(n0, n0 + chunk, device=device).view(1, 1, 1, 1, -1)
+    return keep_mask(p, seed, offset, b * heads_kv * group + h, i, j).float() / (1.0 - p)
+
+
 def _alibi(alibi_slopes, batch: int, heads_kv: int):
     """(heads,) or (batch, heads) slopes -> float32 broadcastable to (B, Hkv, group, 1, 1)."""
     if alibi_slopes is None:
@@ -75,33 +88,33 @@ def _sequences(cu_seqlens_q, cu_seqlens_k):
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q: int = 0, max_seqlen_k: int = 0, window_size=(-1, -1), softcap: float = 0.0,
-            alibi_slopes=None, learnable_sink=None):
+            alibi_slopes=None, learnable_sink=None, dropout=(0.0, 0, 0)):
     """Dense: out (B, Sq, H, D), lse (B, H, Sq). Varlen (packed (total, H, D) inputs split by
     cu_seqlens): out (total_q, H, D), lse (H, total_q). lse is float32."""
-    variants = dict(window_size=window_size, softcap=softcap, learnable_sink=learnable_sink)
+    variants = dict(window_size=window_size, softcap=softcap, learnable_sink=learnable_sink, dropout=dropout)
     if cu_seqlens_q is None:
         return _dense_forward(q, k, v, softmax_scale, causal, alibi_slopes=alibi_slopes, **variants)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(lse_shape(q, varlen=True), dtype=torch.float32, device=q.device)
     for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         o, row_lse = _dense_forward(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal,
-                                    alibi_slopes=_row(alibi_slopes, b), **variants)
+                                    alibi_slopes=_row(alibi_slopes, b), first_batch=b, **variants)
         out[qs:qe], lse[:, qs:qe] = o[0], row_lse[0]
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
              max_seqlen_q: int = 0, max_seqlen_k: int = 0, window_size=(-1, -1), softcap: float = 0.0,
-             alibi_slopes=None):
+             alibi_slopes=None, dropout=(0.0, 0, 0)):
     """Gradients (dq, dk, dv) in the inputs' layouts and dtypes."""
-    variants = dict(window_size=window_size, softcap=softcap)
+    variants = dict(window_size=window_size, softcap=softcap, dropout=dropout)
     if cu_seqlens_q is None:
         return _dense_backward(dout, q, k, v, out, lse, softmax_scale, causal, alibi_slopes=alibi_slopes, **variants)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         grads = _dense_backward(dout[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe],
                                 lse[None, :, qs:qe], softmax_scale, causal, alibi_slopes=_row(alibi_slopes, b),
-                                **variants)
+                                first_batch=b, **variants)
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0] for g in grads)
     return dq, dk, dv
 
@@ -136,7 +149,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
 
 
 def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, window_size=(-1, -1),
-                   softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
+                   softcap: float = 0.0, alibi_slopes=None, learnable_sink=None, dropout=(0.0, 0, 0),
+                   first_batch: int = 0):
     """Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -156,6 +170,8 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
         row_sum = row_sum * alpha + p.sum(-1)
+        if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
+            p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], seqlen_q, n0, p.shape[-1], q.device)
         acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + BLOCK_K])
         m = m_new
     if learnable_sink is not None:  # one more logit per head, with no value row
@@ -173,7 +189,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
 
 
 def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_size=(-1, -1),
-                    softcap: float = 0.0, alibi_slopes=None):
+                    softcap: float = 0.0, alibi_slopes=None, dropout=(0.0, 0, 0), first_batch: int = 0):
     """Gradients (dq, dk, dv) in the inputs' dtypes, recomputing probabilities from lse."""
     b, seqlen_q, heads, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -193,8 +209,13 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
         kc, vc = kf[:, :, n0 : n0 + BLOCK_K], vf[:, :, n0 : n0 + BLOCK_K]
         s, th = _chunk_scores(qf, kc, n0, seqlen_q, seqlen_k, softmax_scale, causal, None, window_size, softcap, alibi)
         p = torch.exp(s - lse[..., None])
-        dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p, dof)
         dp = torch.einsum("bhgqd,bhkd->bhgqk", dof, vc)
+        if dropout[0] > 0:
+            keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], seqlen_q, n0, p.shape[-1], q.device)
+            dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, dof)
+            dp = dp * keep
+        else:
+            dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p, dof)
         ds = p * (dp - delta[..., None])
         if th is not None:  # d(cap * tanh(x / cap)) / dx
             ds = ds * (1 - th * th)

@@ -47,7 +47,8 @@ def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head
 
 def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch: int, heads: int,
                    device, learnable_sink=None) -> tuple[int, int, float]:
-    """Checks the attention variants; returns (window_left, window_right, softcap) normalized."""
+    """Checks the attention variants; returns (window_left, window_right, softcap) normalized.
+    dropout_p is checked here and drawn by the caller (tileattn.dropout)."""
     if not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if softmax_scale is not None and (not isinstance(softmax_scale, Real) or not math.isfinite(softmax_scale)):
@@ -81,9 +82,6 @@ def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                              f"{tuple(learnable_sink.shape)}")
         if learnable_sink.device != device:
             raise ValueError(f"learnable_sink must be on q's device {device}, got {learnable_sink.device}")
-    # Not built yet: refuse rather than silently compute without dropout.
-    if dropout_p != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not supported yet")
     return int(left), int(right), float(softcap)
 
 

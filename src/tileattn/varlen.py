@@ -8,6 +8,7 @@ import math
 import torch
 
 from . import ops
+from .dropout import new_seed
 from .validation import check_cu_seqlens, check_features, check_packed, check_qkv
 
 _LAYOUT = "(total_tokens, heads, head_dim)"
@@ -48,7 +49,8 @@ def flash_attn_varlen_func(
 
     Returns:
         out (total_q, heads, head_dim); with return_attn_probs=True, (out, softmax_lse, None)
-        with softmax_lse (heads, total_q) float32.
+        with softmax_lse (heads, total_q) float32. (Sequence b's dropout bits are those of a dense
+        call's batch entry b: tileattn.dropout.)
 
     Example:
         >>> q = torch.randn(10, 4, 32)                       # sequences of 3 and 7 tokens
@@ -63,8 +65,9 @@ def flash_attn_varlen_func(
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q.shape[0] - 1,
                               q.shape[1], q.device, learnable_sink)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    seed, offset = new_seed() if dropout_p > 0 else (0, 0)
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                       bool(deterministic), *variants, alibi_slopes, learnable_sink)
+                       bool(deterministic), *variants, float(dropout_p), seed, offset, alibi_slopes, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -13,9 +13,9 @@ nothing is padded; the attention function only reshapes and routes:
   splits the keys across SMs and reads each K/V head once for its whole GQA group;
 - otherwise: the dense kernel. K/V arrive un-repeated for GQA and are never repeated.
 
-Sliding windows (Mistral, Qwen2, Gemma 2), logit softcapping (Gemma 2) and attention sinks
-(gpt-oss's s_aux) pass through to the kernels; attention dropout is refused with
-NotImplementedError.
+Sliding windows (Mistral, Qwen2, Gemma 2), logit softcapping (Gemma 2), attention sinks
+(gpt-oss's s_aux) and attention dropout (transformers passes it only while training) pass
+through to the kernels.
 """
 
 from __future__ import annotations
@@ -41,13 +41,6 @@ def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = 
         if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
             return None
     return attention_mask.bool()
-
-
-def _unsupported(dropout) -> str | None:
-    if dropout:
-        return (f"attention dropout (dropout={dropout} while training); set config.attention_dropout=0.0 "
-                "or use attn_implementation='sdpa'")
-    return None
 
 
 def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
@@ -89,7 +82,7 @@ def _padded(q, k, v, mask, scale, causal, variants):
 def _dense(q, k, v, scale, causal, variants):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS
+    decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS and not variants["dropout_p"]
     if decoding and not (q.requires_grad or k.requires_grad or v.requires_grad):
         # the cache is full to seqlen_k; built on the device, so nothing synchronizes
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
@@ -129,9 +122,6 @@ def tileattn_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention contract: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) with the
     cache already updated; returns (out (B, Sq, H, D), None)."""
-    problem = _unsupported(dropout)
-    if problem:
-        raise NotImplementedError(f"tileattn does not support {problem} yet")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"tileattn expects the 2-D padding mask made by its registered mask function, got shape "
@@ -143,7 +133,8 @@ def tileattn_attention_forward(
         v = F.pad(v, (0, q.shape[-1] - v_head_dim))
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, seqlen_q = q.shape[:2]
-    variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0), learnable_sink=s_aux)
+    variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0), learnable_sink=s_aux,
+                    dropout_p=float(dropout or 0.0))
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")

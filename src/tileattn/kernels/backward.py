@@ -12,8 +12,20 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, dot_precision, head_block, seqlen_bucket
-from .forward import alibi_batch_stride, check_offsets, strides, variant_args, variant_flags
-from .tile import LOG2E, alibi_slope, cast, key_range, load_tile, mask_scores, mma, query_range, score_tile, sequence
+from .forward import alibi_batch_stride, check_offsets, dropout_args, strides, variant_args, variant_flags
+from .tile import (
+    LOG2E,
+    alibi_slope,
+    cast,
+    dropout_keep,
+    key_range,
+    load_tile,
+    mask_scores,
+    mma,
+    query_range,
+    score_tile,
+    sequence,
+)
 
 
 @triton.jit
@@ -56,9 +68,9 @@ def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.conste
 def _dkdv_tile(
     dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, mask_d,
     stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-    window_left, window_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = start_m + offs_m
     qt = load_tile(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
@@ -72,8 +84,13 @@ def _dkdv_tile(
         st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                          WINDOW)
     pt = tl.math.exp2(st - lse[None, :])
-    dv = mma(cast(pt, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+    if DROPOUT:  # the output saw p * keep: so do dV and the p-gradient
+        keep = dropout_keep(seed, offset, bh, rows[None, :], offs_n[:, None], dropout_p, rescale)
+        dv = mma(cast(pt * keep, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+        dpt = dpt * keep
+    else:
+        dv = mma(cast(pt, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - th * th)
@@ -92,9 +109,10 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_lb, stride_lh, stride_ab,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, softcap, window_left, window_right,
+    seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -132,6 +150,7 @@ def _bwd_dkdv_kernel(
         do_base = DOut + h * stride_doh
         bh_offset = b * stride_lb + h * stride_lh + q_start
         slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
+        bh = (b * heads + h).to(tl.int32)
         if DOT_PRECISION == "ieee":
             # fp32: sum each head's contribution on its own, then across the group, as the
             # reference does; one running sum over group * seqlen_q products loses ~2x accuracy
@@ -141,17 +160,20 @@ def _bwd_dkdv_kernel(
         for start_m in range(lo, tl.minimum(full_lo, hi), BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
+                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                 True, EVEN_D, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
+                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                 False, EVEN_D, DOT_PRECISION)
         for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
                                 offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
+                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                 True, EVEN_D, DOT_PRECISION)
         if DOT_PRECISION == "ieee":
             dk = dk_total + dk
@@ -168,8 +190,9 @@ def _bwd_dkdv_kernel(
 def _dq_tile(
     dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    seed, offset, bh, dropout_p, rescale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
     kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -183,6 +206,8 @@ def _dq_tile(
                         WINDOW)
     p = tl.math.exp2(s - lse[:, None])
     dp = mma(do, vt, None, DOT_PRECISION)
+    if DROPOUT:
+        dp = dp * dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], dropout_p, rescale)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
@@ -199,9 +224,10 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh, stride_ab,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, softcap, window_left, window_right,
+    seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -235,15 +261,18 @@ def _bwd_dq_kernel(
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                       stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D, DOT_PRECISION)
+                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                       stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, EVEN_D, DOT_PRECISION)
+                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                       stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D, DOT_PRECISION)
+                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
 
     dq_ptrs = DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
@@ -257,7 +286,7 @@ _PREPROCESS_BLOCK_M = 64
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
              max_seqlen_q: int = 0, max_seqlen_k: int = 0, dq=None, dk=None, dv=None, window_size=(-1, -1),
-             softcap: float = 0.0, alibi_slopes=None):
+             softcap: float = 0.0, alibi_slopes=None, dropout=(0.0, 0, 0)):
     """Launch the backward kernels; returns (dq, dk, dv) shaped and typed like (q, k, v).
 
     Layouts and variants as in :func:`forward` (dense or varlen); ``lse`` is the forward's float32
@@ -279,10 +308,11 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     block_d = head_block(head_dim)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
-    common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), VARLEN=varlen, BLOCK_D=block_d,
+    common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), DROPOUT=dropout[0] > 0,
+                  VARLEN=varlen, BLOCK_D=block_d,
                   EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
-             *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k))
+             *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k))
     tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))
     lse_strides = (*strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes))
     if rows_q > 0:

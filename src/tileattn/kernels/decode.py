@@ -52,8 +52,8 @@ def _decode_tile(
     kt_ptrs = K + (page * stride_kb + row * stride_kn)[None, :] + offs_d[:, None] * stride_kd
     v_ptrs = V + (page * stride_vb + row * stride_vn)[:, None] + offs_d[None, :] * stride_vd
     return attend_tile(acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, MASKED, EVEN_D,
-                       DOT_PRECISION)
+                       softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout at inference
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, EVEN_D, DOT_PRECISION)
 
 
 @triton.jit

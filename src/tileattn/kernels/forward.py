@@ -13,14 +13,16 @@ from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, fold_si
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    seed, offset, bh, dropout_p, rescale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
     return attend_tile(acc, l_i, m_i, q, k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                        v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_m, cols, mask_d,
                        seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, MASKED, EVEN_D, DOT_PRECISION)
+                       seed, offset, bh, dropout_p, rescale,
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, EVEN_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -32,10 +34,11 @@ def _fwd_kernel(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ab,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softcap, window_left, window_right,
+    seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -65,18 +68,18 @@ def _fwd_kernel(
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                                   stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D,
-                                  DOT_PRECISION)
+                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                                   stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, EVEN_D,
-                                  DOT_PRECISION)
+                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
                                   stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI, True, EVEN_D,
-                                  DOT_PRECISION)
+                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
+                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
 
     if SINK:
         m_i, l_i, acc = fold_sink(m_i, l_i, acc, tl.load(Sinks + h).to(tl.float32) * LOG2E)
@@ -92,7 +95,7 @@ _fwd = autotuned(_fwd_kernel, "fwd")
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q: int = 0, max_seqlen_k: int = 0, out=None, lse=None, window_size=(-1, -1),
-            softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
+            softcap: float = 0.0, alibi_slopes=None, learnable_sink=None, dropout=(0.0, 0, 0)):
     """Launch the forward kernel; any strides.
 
     Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
@@ -100,7 +103,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     -> out (total_q, H, D), lse (H, total_q). lse is float32, natural log. ``out`` and ``lse``
     may be passed preallocated (tests poison them to catch unwritten elements). Variants as in
     :func:`tileattn.flash_attn_func` (window_size, softcap, alibi_slopes float32, learnable_sink
-    (H,); its gradient is computed by the caller from the LSE).
+    (H,); its gradient is computed by the caller from the LSE; dropout = (dropout_p, seed,
+    offset), see tileattn.dropout).
     """
     varlen = cu_seqlens_q is not None
     if out is None:
@@ -125,9 +129,9 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         *strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(o4, varlen),
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
-        *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, seqlen_k),
+        *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        VARLEN=varlen, BLOCK_D=block_d,
+        DROPOUT=dropout[0] > 0, VARLEN=varlen, BLOCK_D=block_d,
         EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
@@ -158,6 +162,12 @@ def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q) ->
     approx = q.is_cuda and torch.version.hip is None and q.dtype != torch.float32
     return dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
                 SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi_slopes is not None)
+
+
+def dropout_args(dropout) -> tuple:
+    """(seed, offset, dropout_p, 1 / (1 - dropout_p)) from (dropout_p, seed, offset)."""
+    p, seed, offset = dropout
+    return seed, offset, float(p), 1.0 / (1.0 - p)
 
 
 def alibi_batch_stride(alibi_slopes) -> int:

@@ -11,7 +11,8 @@ completely run with ``MASKED=False`` (no index arithmetic, no bound checks); the
 tiles nobody sees are skipped, so a window's cost grows with the window, not the sequence.
 
 Score variants are constexpr switches of one score function: softcap (``cap * tanh(s / cap)``)
-then ALiBi (``- slope * |i + diag - j|``), as flash-attn orders them.
+then ALiBi (``- slope * |i + diag - j|``), as flash-attn orders them. Dropout multiplies the
+probabilities that reach the output by ``dropout_keep`` (bits regenerated, never stored).
 """
 
 import triton
@@ -129,8 +130,23 @@ def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
-def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold one tile of base-2 scores s [M, N] and values v [N, D] into (m, l, acc)."""
+def dropout_keep(seed, offset, bh, rows, cols, dropout_p, rescale):
+    """rescale where the probability at (bh, row, col) is kept, 0 where dropped: the bits of
+    tileattn.dropout (Philox-4x32-10, counter (col, row, bh, offset), top 24 bits vs p).
+    rows and cols broadcast against each other, as in mask_scores."""
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return tl.where(u >= dropout_p, rescale, 0.0)
+
+
+@triton.jit
+def online_softmax_fold(s, m_i, l_i, acc, v, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [M, N] and values v [N, D] into (m, l, acc). With
+    DROPOUT, keep [M, N] (0 or 1 / (1 - p)) scales the probabilities that reach acc; the sum l
+    (and so the LSE) stays that of the undropped softmax."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
@@ -141,6 +157,8 @@ def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if DROPOUT:
+        p = p * keep
     acc = mma(cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -148,8 +166,8 @@ def online_softmax_fold(s, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION
 @triton.jit
 def attend_tile(
     acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-    softcap, slope, window_left, window_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The forward step shared by the dense/varlen and the KV-cache kernels: load K^T [D, N] and
@@ -163,7 +181,10 @@ def attend_tile(
     if MASKED:
         s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)
-    return online_softmax_fold(s, m_i, l_i, acc, v, MASKED, DOT_PRECISION)
+    keep = 1.0
+    if DROPOUT:
+        keep = dropout_keep(seed, offset, bh, q_idx[:, None], cols[None, :], dropout_p, rescale)
+    return online_softmax_fold(s, m_i, l_i, acc, v, keep, MASKED, DROPOUT, DOT_PRECISION)
 
 
 @triton.jit

@@ -1,0 +1,60 @@
+"""Attention dropout's random bits, defined once for both backends and the tests.
+
+Element (batch b, head h, query i, key j) is kept iff u >= dropout_p, where u is the top 24
+bits of Philox-4x32-10 (Triton's ``tl.philox``) with key ``seed`` and counter
+(j, i, b * heads + h, offset), scaled to [0, 1). The kernels regenerate the bits in the
+backward instead of storing a mask; this module computes the same bits in PyTorch for the
+CPU backend and for ``return_attn_probs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def new_seed() -> tuple[int, int]:
+    """(seed, offset) from torch's default CPU generator, so torch.manual_seed reproduces runs."""
+    seed, offset = torch.randint(0, 2**31 - 1, (2,)).tolist()
+    return seed, offset
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for uint32 values held in int64 (16-bit halves: no overflow)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    mid = a_hi * b_lo + a_lo * b_hi
+    low_full = a_lo * b_lo + ((mid & 0xFFFF) << 16)
+    high = (a_hi * b_hi + (mid >> 16) + (low_full >> 32)) & _MASK32
+    return high, low_full & _MASK32
+
+
+def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
+    """Uniform [0, 1) floats from the first Philox-4x32-10 output, as tileattn's kernels draw
+    them; counters are int tensors (broadcast together) or ints."""
+    counters = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(*counters)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return (c0 >> 8).to(torch.float32) * 2.0**-24
+
+
+def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, cols) -> torch.Tensor:
+    """True where the attention probability (batch*heads + head, query row, key col) is kept."""
+    return philox_uniform(seed, cols, rows, batch_head, offset) >= dropout_p
+
+
+def dropout_mask(dropout_p: float, seed: int, offset: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+                 device=None) -> torch.Tensor:
+    """The whole (batch, heads, seqlen_q, seqlen_k) keep mask of one dense call."""
+    bh = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1)
+    i = torch.arange(seqlen_q, device=device).view(1, 1, -1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
+    return keep_mask(dropout_p, seed, offset, bh, i, j)

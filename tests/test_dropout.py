@@ -1,0 +1,96 @@
+"""Attention dropout: the Philox bits, the output and gradients given the returned mask, the
+keep rate, and reproducibility."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tileattn import flash_attn_func, flash_attn_varlen_func
+from tileattn.dropout import dropout_mask, philox_uniform
+
+from .helpers import DEVICE, make_qkv
+
+
+def test_philox_known_answers():
+    """Random123's Philox-4x32-10 test vectors (first output word)."""
+    assert philox_uniform(0, 0, 0, 0, 0).item() == (0x6627E8D5 >> 8) * 2.0**-24
+    assert philox_uniform(0xFFFFFFFFFFFFFFFF, *[0xFFFFFFFF] * 4).item() == (0x408F276D >> 8) * 2.0**-24
+
+
+@triton.jit
+def _uniform_kernel(Out, seed, offset, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    r, _, _, _ = tl.philox(seed, cols[None, :] + rows[:, None] * 0, rows[:, None] + cols[None, :] * 0,
+                           rows[:, None] * 0 + bh, rows[:, None] * 0 + offset)
+    tl.store(Out + rows[:, None] * COLS + cols[None, :], (r >> 8).to(tl.float32) * (1.0 / 16777216.0))
+
+
+def test_torch_bits_match_triton_philox():
+    out = torch.empty(16, 32, device=DEVICE)
+    _uniform_kernel[(1,)](out, 987654321, 11, 5, ROWS=16, COLS=32)
+    ref = philox_uniform(987654321, torch.arange(32)[None, :], torch.arange(16)[:, None], 5, 11)
+    assert torch.equal(out.cpu(), ref)
+
+
+def _reference(q, k, v, keep, p, causal, dout):
+    """fp64 attention whose probabilities are multiplied by keep / (1 - p); out and grads."""
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    qd, kd, vd = leaves
+    group = q.shape[2] // k.shape[2]
+    kd, vd = kd.repeat_interleave(group, 2), vd.repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qd, kd) / q.shape[-1] ** 0.5
+    if causal:
+        i = torch.arange(q.shape[1], device=q.device)[:, None]
+        j = torch.arange(k.shape[1], device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + k.shape[1] - q.shape[1], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0) * keep.double() / (1 - p)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vd)
+    return out, torch.autograd.grad(out, leaves, dout.double())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 37, 70, 4, 2, 40), (1, 113, 113, 2, 2, 64)], ids=["gqa-sq-lt-sk", "mha-113"])
+def test_dropout_matches_reference_given_mask(backend, shape, causal):
+    p = 0.3
+    q, k, v = make_qkv(*shape)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _, keep = flash_attn_func(*leaves, dropout_p=p, causal=causal, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_out, ref_grads = _reference(q, k, v, keep, p, causal, dout)
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-5, rtol=0)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=0, msg=f"d{name}")
+
+
+def test_keep_rate_within_statistical_bounds():
+    p = 0.17
+    keep = dropout_mask(p, 1234, 5, 4, 8, 128, 128)
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+
+
+def test_same_seed_same_output_new_draw_new_mask(backend):
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 32)
+    torch.manual_seed(7)
+    a = flash_attn_func(q, k, v, dropout_p=0.5)
+    b_ = flash_attn_func(q, k, v, dropout_p=0.5)
+    torch.manual_seed(7)
+    c = flash_attn_func(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, c) and not torch.equal(a, b_)
+
+
+def test_varlen_dropout_uses_dense_bits_per_sequence(backend):
+    """Sequence b of a varlen call drops what batch entry b of a dense call drops."""
+    p = 0.4
+    q, k, v = make_qkv(2, 30, 30, 2, 2, 16)
+    torch.manual_seed(3)
+    dense = flash_attn_func(q, k, v, dropout_p=p, causal=True)
+    cu = torch.tensor([0, 30, 60], dtype=torch.int32, device=DEVICE)
+    torch.manual_seed(3)
+    packed = flash_attn_varlen_func(*(x.reshape(60, 2, 16) for x in (q, k, v)), cu, cu, 30, 30, dropout_p=p,
+                                    causal=True)
+    torch.testing.assert_close(packed.view(2, 30, 2, 16), dense, atol=1e-6, rtol=0)

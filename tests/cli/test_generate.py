@@ -26,8 +26,11 @@ def test_embedded_smollm2_greedy_tokens_match_eager(smollm2):
         model.set_attn_implementation(attn)
         results[attn] = generate.generate(model, tokenizer, generate.SEED_PROMPT, 30, torch.device("cpu"), False)
     model.set_attn_implementation("tileattn")
+    results["fast"] = generate.generate(model, tokenizer, generate.SEED_PROMPT, 30, torch.device("cpu"), False,
+                                        fast=True)
     assert len(results["tileattn"].tokens) == 30
     assert results["tileattn"].tokens == results["eager"].tokens
+    assert results["fast"].tokens == results["eager"].tokens
     assert "return" in results["tileattn"].text
 
 
@@ -36,7 +39,7 @@ def test_generate_command_end_to_end(capsys):
     assert main(["generate", "--max-new-tokens", "8", "--no-stream", "--prompt", "def add(a, b):"]) == 0
     out, err = capsys.readouterr()
     assert out.strip()
-    assert "generated 8 tokens" in err and "decode" in err and "attn=tileattn" in err
+    assert "generated 8 tokens" in err and "decode" in err and "attn=tileattn-fast" in err
 
 
 def test_missing_model_is_a_clear_message_not_a_traceback(capsys, tmp_path):
@@ -53,3 +56,12 @@ def test_compare_table_marks_mismatches():
     table = generate.compare_table([result("tileattn", [1, 2]), result("sdpa", [1, 3]), result("eager", [1, 2])])
     rows = table.splitlines()[2:]
     assert rows[0].endswith("| yes |") and rows[1].endswith("| NO |") and rows[2].endswith("| yes |")
+
+
+@needs_smollm2
+def test_compare_command_runs_every_path(capsys):
+    assert main(["compare", "--max-new-tokens", "3", "--prompt", "def add(a, b):"]) == 0
+    out, _ = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "attention" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["tileattn-fast", "tileattn", "sdpa", "eager"]
+    assert all(r.rstrip().endswith("| yes |") for r in rows)

@@ -1,4 +1,4 @@
-"""The `tileattn` command: `tileattn generate` and `tileattn bench`."""
+"""The `tileattn` command: `tileattn generate`, `tileattn compare` and `tileattn bench`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+    p = sub.add_parser("compare", help="`generate --compare`: the fast path next to transformers' generate with "
+                                       "tileattn, sdpa and eager attention",
+                       description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run, compare=True)
     p = sub.add_parser("bench", help="accuracy, speed and memory against the other attention backends",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)

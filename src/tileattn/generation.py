@@ -1,0 +1,192 @@
+"""Fast generation for transformers causal LMs: a static KV cache, decode steps through the
+KV-cache kernel with no host synchronization, optionally replayed from one CUDA graph.
+
+transformers' ``generate`` spends a decode step's time in Python and in the padding-mask logic
+(which reads device values); the GPU work of a small model's step is a fraction of it. Here
+the prompt is prefilled once through the dense/varlen kernels into a ``StaticCache``; each
+decode step then runs the model on one token per sequence with no attention mask: the
+attention function reads each sequence's cache fill and left padding from device tensors (a
+decode context, below) and calls the KV-cache kernel, so a step has a fixed shape and no host
+reads, and can be captured in a CUDA graph.
+
+    from tileattn.generation import generate
+    out = generate(model, input_ids, attention_mask=mask, max_new_tokens=64)   # greedy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+# Set during decode steps: (seqlens_k (B,) int32, cache_leftpad (B,) int32) on the model's device.
+_DECODE = contextvars.ContextVar("tileattn_decode", default=None)
+
+
+@dataclass
+class DecodeContext:
+    seqlens_k: torch.Tensor  # cache slots filled per sequence, the new token included
+    cache_leftpad: torch.Tensor  # slots before each sequence's first real token
+
+
+def decode_context() -> DecodeContext | None:
+    """The current decode step's cache bounds, or None outside fast-generation decode steps."""
+    return _DECODE.get()
+
+
+@contextlib.contextmanager
+def _decoding(ctx: DecodeContext):
+    token = _DECODE.set(ctx)
+    try:
+        yield
+    finally:
+        _DECODE.reset(token)
+
+
+def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): argmax, or a draw after temperature, top-k and
+    top-p (nucleus) filtering, from ``generator`` when given."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed forward's past_key_values to cache (5.2x); take what the model has."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _check_model(model):
+    from transformers import StaticCache
+
+    if model.config._attn_implementation != "tileattn":
+        raise ValueError(f"fast generation needs attn_implementation='tileattn', the model has "
+                         f"{model.config._attn_implementation!r}; call model.set_attn_implementation('tileattn')")
+    return StaticCache
+
+
+def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row count of leading pad tokens; refuses masks that are not left padding."""
+    batch, length = attention_mask.shape
+    leftpad = (attention_mask == 0).sum(1)
+    expected = torch.arange(length, device=attention_mask.device)[None, :] >= leftpad[:, None]
+    if not torch.equal(attention_mask.bool(), expected):
+        raise ValueError("attention_mask must be left padding (zeros, then ones) for fast generation; "
+                         "tokenize with padding_side='left'")
+    return leftpad.to(torch.int32)
+
+
+class _Step:
+    """One decode step on static buffers: eager, or captured once in a CUDA graph and replayed."""
+
+    def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool):
+        device = leftpad.device
+        self.model, self.cache, self.cache_kw = model, cache, _cache_kwarg(model)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.ctx = DecodeContext(torch.zeros(batch, dtype=torch.int32, device=device), leftpad)
+        self.use_graph = use_graph
+        self.graph = None
+        self.logits = None
+
+    def _forward(self):
+        with _decoding(self.ctx):
+            out = self.model(input_ids=self.tokens, cache_position=self.cache_position, position_ids=self.position_ids,
+                             use_cache=True, **{self.cache_kw: self.cache})
+        return out.logits[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits (B, vocab) after writing tokens (B,) into cache slot ``slot``."""
+        self.tokens.copy_(tokens[:, None])
+        self.cache_position.fill_(slot)
+        self.position_ids.copy_((slot - self.ctx.cache_leftpad)[:, None])
+        self.ctx.seqlens_k.fill_(slot + 1)
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None and self.logits is not None:  # the first step ran eagerly (warm-up)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        if self.graph is None:
+            self.logits = self._forward()
+            return self.logits
+        self.graph.replay()
+        return self.logits
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             cuda_graph: bool = False, on_token=None) -> torch.Tensor:
+    """Generate with a static cache and the KV-cache kernel; returns (B, prompt + new) token ids.
+
+    Args:
+        model: a transformers causal LM loaded with attn_implementation="tileattn". Models whose
+            cache has sliding-window layers are refused (their static layers are ring buffers).
+        input_ids: (B, prompt) prompts, left-padded when their lengths differ.
+        attention_mask: (B, prompt) 1 for tokens, 0 for left padding; None = no padding.
+        eos_token_id: a sequence that produces one of these stops; later positions get
+            pad_token_id (default: the first eos id). Generation ends when all have stopped.
+        do_sample, temperature, top_k, top_p, seed: sampling (greedy by default); seed makes
+            draws reproducible.
+        cuda_graph: capture one decode step in a CUDA graph and replay it per token (CUDA
+            only; the first step runs eagerly and warms up the kernels).
+        on_token: optional callback receiving each step's tokens (B,) as they are chosen.
+
+    Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
+    """
+    static_cache_cls = _check_model(model)
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    leftpad = _left_padding(attention_mask)
+    cache = static_cache_cls(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise NotImplementedError("fast generation does not support sliding-window caches yet; use model.generate")
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    # prefill: the padded prompt through the dense/varlen kernels, positions counted per row
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                cache_position=torch.arange(prompt_len, device=device), use_cache=True, **{_cache_kwarg(model): cache})
+    logits = out.logits[:, -1]
+    step = _Step(model, cache, batch, leftpad, cuda_graph)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens = []
+    for t in range(max_new_tokens):
+        tokens = sample(logits, do_sample, temperature, top_k, top_p, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+        new_tokens.append(tokens)
+        if on_token is not None:
+            on_token(tokens)
+        if eos.numel():
+            finished |= torch.isin(tokens, eos)
+            if bool(finished.all()):
+                break
+        if t + 1 < max_new_tokens:
+            logits = step(tokens, prompt_len + t)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -10,17 +10,9 @@ from tileattn.generation import generate, sample  # noqa: E402
 from tileattn.integrations import transformers as integration  # noqa: E402
 
 from .helpers import DEVICE  # noqa: E402
+from .tiny_models import CONFIGS as TINY  # noqa: E402
 
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    ),
-    "phi": lambda: transformers.PhiConfig(
-        vocab_size=96, hidden_size=160, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        partial_rotary_factor=0.4, max_position_embeddings=128,
-    ),
-}
+CONFIGS = {name: TINY[name] for name in ("llama", "phi")}
 
 
 def _models(name):

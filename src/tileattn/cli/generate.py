@@ -180,15 +180,20 @@ def timed_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=N
         )
     _sync(device)
     new = out[0, input_ids.shape[1]:].tolist()
-    times = streamer.times or [time.perf_counter()]
+    return _result(model.config._attn_implementation, input_ids, new, start, streamer.times, device, tokenizer)
+
+
+def _result(attn: str, input_ids, new: list[int], start: float, times: list[float], device, tokenizer) -> Result:
+    """Timings from the arrival time of each new token: the first ends prefill."""
+    times = times or [time.perf_counter()]
     decode_s = times[-1] - times[0]
     peak_mib, peak_kind = _peak_mib(device)
     return Result(
-        attn=model.config._attn_implementation,
+        attn=attn,
         prompt_tokens=input_ids.shape[1],
         tokens=new,
         prefill_s=times[0] - start,
-        decode_tok_s=(len(new) - 1) / decode_s if decode_s > 0 else float("nan"),
+        decode_tok_s=(len(times) - 1) / decode_s if decode_s > 0 else float("nan"),
         peak_mib=peak_mib,
         peak_kind=peak_kind,
         text=tokenizer.decode(new, skip_special_tokens=True) if tokenizer else "",
@@ -227,18 +232,7 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     if eos_token_id is not None:  # as generate returns them: up to and including the first eos
         eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         new = new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
-    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
-    peak_mib, peak_kind = _peak_mib(device)
-    return Result(
-        attn="tileattn-fast" + ("+graph" if cuda_graph else ""),
-        prompt_tokens=input_ids.shape[1],
-        tokens=new,
-        prefill_s=times[0] - start,
-        decode_tok_s=(len(times) - 1) / decode_s if decode_s > 0 else float("nan"),
-        peak_mib=peak_mib,
-        peak_kind=peak_kind,
-        text=tokenizer.decode(new, skip_special_tokens=True) if tokenizer else "",
-    )
+    return _result("tileattn-fast" + ("+graph" if cuda_graph else ""), input_ids, new, start, times, device, tokenizer)
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool, fast: bool = False,

@@ -78,7 +78,7 @@ def tanh(x, APPROX: tl.constexpr):
 @triton.jit
 def _tanh_exp2(x):
     ax = tl.abs(x)
-    e = tl.math.exp2(-2.0 * LOG2E * ax)
+    e = tl.math.exp2(ax * (-2.0 * LOG2E))  # tensor first: triton 3.9 wraps constexpr * tensor
     closed = (1.0 - e) / (1.0 + e)
     x2 = ax * ax
     series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))

@@ -12,7 +12,7 @@ from tileattn.integrations import transformers as integration  # noqa: E402
 from .helpers import DEVICE  # noqa: E402
 from .tiny_models import CONFIGS as TINY  # noqa: E402
 
-CONFIGS = {name: TINY[name] for name in ("llama", "phi")}
+CONFIGS = {name: TINY[name] for name in ("llama", "phi", "mistral", "gemma2", "gpt_oss")}
 
 
 def _models(name):
@@ -86,8 +86,3 @@ def test_refusals():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="cuda_graph=True needs"):
             generate(ours, ids, cuda_graph=True)
-    config = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
-    sliding = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="tileattn").to(DEVICE).eval()
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        generate(sliding, ids)

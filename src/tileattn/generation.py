@@ -70,12 +70,19 @@ def _cache_kwarg(model) -> str:
 
 
 def _check_model(model):
-    from transformers import StaticCache
-
     if model.config._attn_implementation != "tileattn":
         raise ValueError(f"fast generation needs attn_implementation='tileattn', the model has "
                          f"{model.config._attn_implementation!r}; call model.set_attn_implementation('tileattn')")
-    return StaticCache
+
+
+def _static_cache(model, max_cache_len: int):
+    """A preallocated cache with one full-length static layer per decoder layer. Sliding-window
+    layers get full-length slots too (transformers' sliding static layers are ring buffers,
+    whose slot order the kernel can't read); the kernel applies their window instead."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(layers)])
 
 
 def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,8 +143,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """Generate with a static cache and the KV-cache kernel; returns (B, prompt + new) token ids.
 
     Args:
-        model: a transformers causal LM loaded with attn_implementation="tileattn". Models whose
-            cache has sliding-window layers are refused (their static layers are ring buffers).
+        model: a transformers causal LM loaded with attn_implementation="tileattn" (sliding
+            windows, softcap and sinks included: the kernels apply them).
         input_ids: (B, prompt) prompts, left-padded when their lengths differ.
         attention_mask: (B, prompt) 1 for tokens, 0 for left padding; None = no padding.
         eos_token_id: a sequence that produces one of these stops; later positions get
@@ -150,7 +157,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
     """
-    static_cache_cls = _check_model(model)
+    _check_model(model)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     if max_new_tokens < 1:
@@ -160,9 +167,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     leftpad = _left_padding(attention_mask)
-    cache = static_cache_cls(config=model.config, max_cache_len=prompt_len + max_new_tokens)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        raise NotImplementedError("fast generation does not support sliding-window caches yet; use model.generate")
+    cache = _static_cache(model, prompt_len + max_new_tokens)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     generator = None

@@ -30,6 +30,7 @@ _DECODE = contextvars.ContextVar("tileattn_decode", default=None)
 class DecodeContext:
     seqlens_k: torch.Tensor  # cache slots filled per sequence, the new token included
     cache_leftpad: torch.Tensor  # slots before each sequence's first real token
+    filled: int | None = None  # prefill of unpadded prompts: attend to the first `filled` slots
 
 
 def decode_context() -> DecodeContext | None:
@@ -64,9 +65,15 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed forward's past_key_values to cache (5.2x); take what the model has."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _model_kwargs(model, cache) -> dict:
+    """The cache under the name the model's forward takes (transformers renamed past_key_values to
+    cache in 5.2x), and logits for the last position only where the model can skip the rest (a
+    prompt's full logits cost more than its attention)."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 def _check_model(model):
@@ -101,7 +108,7 @@ class _Step:
 
     def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool):
         device = leftpad.device
-        self.model, self.cache, self.cache_kw = model, cache, _cache_kwarg(model)
+        self.model, self.model_kwargs = model, _model_kwargs(model, cache)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -113,7 +120,7 @@ class _Step:
     def _forward(self):
         with _decoding(self.ctx):
             out = self.model(input_ids=self.tokens, cache_position=self.cache_position, position_ids=self.position_ids,
-                             use_cache=True, **{self.cache_kw: self.cache})
+                             **self.model_kwargs)
         return out.logits[:, -1]
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
@@ -174,10 +181,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    # prefill: the padded prompt through the dense/varlen kernels, positions counted per row
+    # prefill: unpadded prompts through the dense kernel over the filled slots; left-padded ones
+    # through the padding mask (varlen kernel); positions counted per row
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                cache_position=torch.arange(prompt_len, device=device), use_cache=True, **{_cache_kwarg(model): cache})
+    prefill = dict(input_ids=input_ids, position_ids=positions, cache_position=torch.arange(prompt_len, device=device),
+                   **_model_kwargs(model, cache))
+    if bool((leftpad == 0).all()):
+        with _decoding(DecodeContext(leftpad + prompt_len, leftpad, filled=prompt_len)):
+            out = model(**prefill)
+    else:
+        out = model(attention_mask=attention_mask, **prefill)
     logits = out.logits[:, -1]
     step = _Step(model, cache, batch, leftpad, cuda_graph)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384],
                    help="prompt lengths for --generation")
     p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
+    p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
@@ -242,32 +243,44 @@ def phi2_config():
     )
 
 
-def generation_bench(device, prompt_lengths, new_tokens, log) -> list[tuple]:
-    """Prefill and decode speed and peak memory of transformers' generate under each attention."""
+def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1) -> list[tuple]:
+    """Prefill and decode speed and peak memory: transformers' generate under each attention, and
+    tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA)."""
     import transformers
 
-    from .generate import timed_generate
+    from .generate import timed_fast_generate, timed_generate
 
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16).eval()
+    runs = [("tileattn-fast", "tileattn", dict(fast=True, cuda_graph=False))]
+    if device.type == "cuda":
+        runs.append(("tileattn-fast+graph", "tileattn", dict(fast=True, cuda_graph=True)))
+    runs += [(attn, attn, dict(fast=False)) for attn in ("tileattn", "sdpa", "eager")]
+
+    def run(ids, tokens, fast=False, cuda_graph=False):
+        if fast:
+            with torch.inference_mode():
+                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph)
+        return timed_generate(model, ids, tokens, device)
+
     rows = []
-    for attn in ("tileattn", "sdpa", "eager"):
+    for label, attn, options in runs:
         model.set_attn_implementation(attn)
-        timed_generate(model, torch.randint(0, 51200, (1, 64), device=device), 4, device)  # warm-up
+        run(torch.randint(0, 51200, (batch, 64), device=device), 4, **options)  # warm-up
         for n in prompt_lengths:
-            ids = torch.randint(0, 51200, (1, n), device=device)
+            ids = torch.randint(0, 51200, (batch, n), device=device)
             try:
                 # first call at a length pays for kernel selection (tileattn's autotuning, cuDNN plans)
-                timed_generate(model, ids, 2, device)
-                r = timed_generate(model, ids, new_tokens, device)
-                row = (n, attn, n / r.prefill_s, r.decode_tok_s, r.peak_mib / 1024)
+                run(ids, 3, **options)
+                r = run(ids, new_tokens, **options)
+                row = (n, label, batch * n / r.prefill_s, batch * r.decode_tok_s, r.peak_mib / 1024)
             except torch.OutOfMemoryError:
-                row = (n, attn, None, None, None)
+                row = (n, label, None, None, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
-            log(f"prompt {n} {attn}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, "
+            log(f"prompt {n} x{batch} {label}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, "
                 f"peak {_fmt(row[4])} GiB")
     return rows
 
@@ -320,8 +333,9 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines += [f"| {s} | {_fmt(a)} | {_fmt(b)} |" for s, a, b in memory_rows]
         lines.append("")
     if generation_rows:
-        lines += ["Generation, Phi-2 architecture (2.7B, head dim 80), random weights, batch 1, greedy:", "",
-                  "| prompt | attention | prefill tok/s | decode tok/s | peak GiB |", "|---|---|---|---|---|"]
+        lines += ["Generation, Phi-2 architecture (2.7B, head dim 80), random weights, greedy; tokens/s over the "
+                  "whole batch; tileattn-fast is tileattn.generation, the others transformers' generate:", "",
+                  "| prompt | path | prefill tok/s | decode tok/s | peak GiB |", "|---|---|---|---|---|"]
         lines += [f"| {n} | {attn} | {_fmt(p)} | {_fmt(d)} | {_fmt(m)} |" for n, attn, p, d, m in generation_rows]
         lines.append("")
     if decode_rows:
@@ -421,8 +435,8 @@ def run(args) -> int:
         memory_rows = peak_memory(device, dtype, [1024, 2048, 4096, 8192, 16384], log)
     generation_rows = []
     if args.generation:
-        log("== generation, Phi-2 architecture, random weights, batch 1")
-        generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log)
+        log(f"== generation, Phi-2 architecture, random weights, batch {args.batch}")
+        generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch)
     decode_rows = []
     if args.decode and gpu:
         log("== KV-cache decode bandwidth")

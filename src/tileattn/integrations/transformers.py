@@ -81,11 +81,13 @@ def _padded(q, k, v, mask, scale, causal, variants):
 
 
 def _dense(q, k, v, scale, causal, variants):
+    step = decode_context()
+    if step is not None and step.filled is not None:  # tileattn.generation's prefill: the filled slots
+        k, v = k[:, : step.filled], v[:, : step.filled]
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS and not variants["dropout_p"]
     if decoding and not (q.requires_grad or k.requires_grad or v.requires_grad):
-        step = decode_context()
         if step is not None:  # tileattn.generation: a static cache filled to seqlens_k, left-padded
             seqlens, leftpad = step.seqlens_k, step.cache_leftpad
         else:  # the cache is full to seqlen_k; built on the device, so nothing synchronizes

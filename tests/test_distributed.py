@@ -64,3 +64,47 @@ def test_odd_zigzag_shard_is_refused():
     q = torch.randn(1, 5, 2, 8)
     with pytest.raises(ValueError, match="local seqlen must be even"):
         ring_flash_attn_func(q, q, q)
+
+
+def _model_worker(rank, world, init_file, out_dir):
+    import transformers
+
+    from tileattn.distributed import context_parallel
+
+    from .tiny_models import CONFIGS
+
+    os.environ["TILEATTN_BACKEND"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="tileattn")
+        ids = torch.randint(1, 96, (1, 32), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(32)[None]
+        with context_parallel():
+            logits = model(input_ids=shard(ids, rank, world), position_ids=shard(positions, rank, world),
+                           use_cache=False).logits
+        logits.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        for g in grads.values():
+            dist.all_reduce(g)
+        torch.save({"logits": logits.detach(), "grads": grads}, f"{out_dir}/model{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_transformers_model_under_context_parallel_matches_one_process(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import tileattn  # noqa: F401  (registers "tileattn")
+
+    from .tiny_models import CONFIGS
+
+    mp.spawn(_model_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f"model{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="tileattn")
+    ids = torch.randint(1, 96, (1, 32), generator=torch.Generator().manual_seed(1))
+    logits = model(input_ids=ids, use_cache=False).logits
+    logits.square().sum().backward()
+    torch.testing.assert_close(unshard([p["logits"] for p in parts]), logits, atol=1e-4, rtol=1e-4)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(parts[0]["grads"][name], param.grad, atol=1e-4, rtol=1e-4, msg=name)

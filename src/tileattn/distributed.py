@@ -15,6 +15,8 @@ way. GQA sends only the K/V heads.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -215,3 +217,30 @@ def ring_flash_attn_func(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _RingAttention.apply(q, k, v, group, bool(causal), scale, layout)
     return (out, lse) if return_attn_probs else out
+
+
+_CONTEXT = contextvars.ContextVar("tileattn_context_parallel", default=None)
+
+
+@contextlib.contextmanager
+def context_parallel(group: dist.ProcessGroup | None = None, layout: str = "zigzag"):
+    """Run a transformers model's tileattn attention as ring attention over ``group``.
+
+    Inside the block, every attention call of a model loaded with attn_implementation="tileattn"
+    that sees this rank's shard of a whole sequence (no padding mask, no KV cache) goes through
+    :func:`ring_flash_attn_func`. Feed each rank ``shard(input_ids)`` with
+    ``position_ids=shard(arange(seqlen))`` so rotary positions are the global ones; the model's
+    per-token outputs are then this rank's shard (reassemble with :func:`unshard`), and
+    parameter gradients of a loss summed over ranks are the all-reduced sums.
+    """
+    _check_layout(layout)
+    token = _CONTEXT.set((group, layout))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_context():
+    """(group, layout) inside :func:`context_parallel`, else None."""
+    return _CONTEXT.get()

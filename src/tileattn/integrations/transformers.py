@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..api import flash_attn_func
+from ..distributed import current_context, ring_flash_attn_func
 from ..generation import decode_context
 from ..varlen import flash_attn_varlen_func
 
@@ -141,6 +142,13 @@ def tileattn_attention_forward(
     batch, seqlen_q = q.shape[:2]
     variants = dict(window_size=_window(sliding_window, causal), softcap=float(softcap or 0.0), learnable_sink=s_aux,
                     dropout_p=float(dropout or 0.0))
+
+    ring = current_context()
+    if ring is not None and attention_mask is None and seqlen_q == k.shape[1]:
+        if variants["window_size"] != (-1, -1) or variants["softcap"] or s_aux is not None or variants["dropout_p"]:
+            raise NotImplementedError("context-parallel attention supports plain (causal) attention only so far")
+        out = ring_flash_attn_func(q, k, v, group=ring[0], causal=causal, softmax_scale=scaling, layout=ring[1])
+        return out[..., :v_head_dim], None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import ops
 from .dropout import dropout_mask, new_seed
-from .validation import check_features, check_packed, check_qkv
+from .validation import check_features, check_packed, check_qkv, resolve_scale
 
 
 def flash_attn_func(
@@ -70,7 +68,7 @@ def flash_attn_func(
     check_qkv(q, k, v)
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q.shape[2],
                               q.device, learnable_sink)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     seed, offset = new_seed() if dropout_p > 0 else (0, 0)
     out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), bool(deterministic), *variants,
                        float(dropout_p), seed, offset, alibi_slopes, learnable_sink)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 
 import torch
 import torch.distributed as dist
 
 from . import ops
-from .validation import check_qkv
+from .validation import check_qkv, resolve_scale
 
 _LAYOUTS = ("contiguous", "zigzag")
 
@@ -214,7 +213,7 @@ def ring_flash_attn_func(
         raise ValueError(f"q and k shards must have the same length, got {q.shape[1]} and {k.shape[1]}")
     if layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: local seqlen must be even, got {q.shape[1]}")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     out, lse = _RingAttention.apply(q, k, v, group, bool(causal), scale, layout)
     return (out, lse) if return_attn_probs else out
 

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import ops
-from .validation import check_features, check_kvcache
+from .validation import check_features, check_kvcache, resolve_scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -116,7 +114,7 @@ def flash_attn_with_kvcache(
         _write_cache(k_cache, k, positions, cache_batch_idx, block_table)
         _write_cache(v_cache, v, positions, cache_batch_idx, block_table)
         seqlens_k = cache_seqlens + new_len
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     out, lse = ops.fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, scale,
                                bool(causal), int(num_splits), *variants, alibi_slopes, learnable_sink)
     return (out, lse) if return_softmax_lse else out

@@ -85,6 +85,11 @@ def check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
     return int(left), int(right), float(softcap)
 
 
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    """The softmax scale the kernels use: the given one, or 1 / sqrt(head_dim) as flash-attn."""
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def check_packed(name: str, x, parts: int, layout: str) -> None:
     check_tensor(name, x)
     if x.dim() != len(layout.split(",")) or x.shape[-3] != parts:

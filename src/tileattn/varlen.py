@@ -3,13 +3,11 @@ no padding. Named and shaped as flash-attn 2's varlen functions."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import ops
 from .dropout import new_seed
-from .validation import check_cu_seqlens, check_features, check_packed, check_qkv
+from .validation import check_cu_seqlens, check_features, check_packed, check_qkv, resolve_scale
 
 _LAYOUT = "(total_tokens, heads, head_dim)"
 
@@ -64,7 +62,7 @@ def flash_attn_varlen_func(
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], q.device)
     variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q.shape[0] - 1,
                               q.shape[1], q.device, learnable_sink)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_scale(softmax_scale, q.shape[-1])
     seed, offset = new_seed() if dropout_p > 0 else (0, 0)
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
                        bool(deterministic), *variants, float(dropout_p), seed, offset, alibi_slopes, learnable_sink)

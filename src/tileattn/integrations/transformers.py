@@ -27,6 +27,7 @@ from .. import ops
 from ..api import flash_attn_func
 from ..distributed import current_context, ring_flash_attn_func
 from ..generation import decode_context
+from ..validation import resolve_scale
 from ..varlen import flash_attn_varlen_func
 
 NAME = "tileattn"
@@ -93,10 +94,9 @@ def _dense(q, k, v, scale, causal, variants):
             seqlens, leftpad = step.seqlens_k, step.cache_leftpad
         else:  # the cache is full to seqlen_k; built on the device, so nothing synchronizes
             seqlens, leftpad = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device), None
-        scale = scale if scale is not None else head_dim**-0.5
         left, right = variants["window_size"]
-        return ops.fwd_kvcache(q, k, v, seqlens, None, leftpad, None, float(scale), causal, 0, left, right,
-                               float(variants["softcap"]), None, variants["learnable_sink"])[0]
+        return ops.fwd_kvcache(q, k, v, seqlens, None, leftpad, None, resolve_scale(scale, head_dim), causal, 0, left,
+                               right, float(variants["softcap"]), None, variants["learnable_sink"])[0]
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, **variants)
 
 

@@ -86,3 +86,14 @@ def test_refusals():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="cuda_graph=True needs"):
             generate(ours, ids, cuda_graph=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_cuda_graph_decode_gives_the_same_tokens(name):
+    ours, eager = _models(name)
+    ids, mask = _prompts()
+    plain = generate(ours, ids, attention_mask=mask, max_new_tokens=12)
+    graphed = generate(ours, ids, attention_mask=mask, max_new_tokens=12, cuda_graph=True)
+    want = eager.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(graphed, plain) and torch.equal(graphed, want)

@@ -35,7 +35,8 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
     """Uniform [0, 1) floats from the first Philox-4x32-10 output, as tileattn's kernels draw
     them; counters are int tensors (broadcast together) or ints."""
-    counters = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in (c0, c1, c2, c3))
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    counters = (torch.as_tensor(c, dtype=torch.int64, device=device) & _MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(*counters)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):

@@ -10,7 +10,9 @@ from ..helpers import DEVICE, make_qkv, shape_id
 
 SHAPES = [
     (1, 1, 1, 1, 1, 16),
-    (2, 65, 33, 4, 2, 80),
+    (2, 65, 33, 4, 2, 80),  # head dim split 64 + 16
+    (1, 40, 70, 2, 1, 72),  # split 64 + 16, second part masked
+    (1, 37, 37, 2, 2, 96),  # split 64 + 32
     (1, 33, 130, 3, 1, 5),
     (1, 129, 64, 2, 2, 64),  # causal: keys no query sees must get dk = dv = 0, written
 ]

@@ -9,6 +9,17 @@ def test_head_block_pads_to_a_power_of_two_of_at_least_16():
     assert [config.head_block(d) for d in (1, 16, 17, 80, 96, 128, 129, 256)] == [16, 16, 32, 128, 128, 128, 256, 256]
 
 
+def test_head_dims_split_where_two_blocks_are_narrower_than_the_padded_one():
+    def parts(d):
+        b = config.head_blocks(d)
+        return (b["BLOCK_D"], b["BLOCK_D2"]) if b["SPLIT_D"] else (b["BLOCK_D"],)
+
+    assert {d: parts(d) for d in (16, 40, 64, 72, 80, 96, 112, 128, 160, 192, 256)} == {
+        16: (16,), 40: (32, 16), 64: (64,), 72: (64, 16), 80: (64, 16), 96: (64, 32), 112: (128,), 128: (128,),
+        160: (128, 32), 192: (128, 64), 256: (256,)}
+    assert config.head_blocks(80)["EVEN_D"] and not config.head_blocks(72)["EVEN_D"]
+
+
 def test_seqlen_bucket_groups_powers_of_two():
     assert config.seqlen_bucket(1000, 4000) == config.seqlen_bucket(1024, 4096)
     assert config.seqlen_bucket(1024, 4096) != config.seqlen_bucket(1025, 4096)

@@ -11,7 +11,9 @@ from ..helpers import DEVICE, make_qkv, shape_id
 
 SHAPES = [
     (1, 1, 1, 1, 1, 16),
-    (2, 65, 33, 4, 2, 80),  # ragged tiles both ways, head dim padded 80 -> 128
+    (2, 65, 33, 4, 2, 80),  # ragged tiles both ways, head dim split 64 + 16
+    (1, 40, 70, 2, 1, 72),  # split 64 + 16 with the second part masked (72 = 64 + 8)
+    (1, 37, 37, 2, 2, 96),  # split 64 + 32
     (1, 33, 130, 3, 1, 5),  # tiny odd head dim, MQA
     (1, 129, 64, 2, 2, 64),  # Sq > Sk causal: whole query tiles see no key
 ]

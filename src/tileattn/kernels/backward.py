@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..layout import lse_shape
-from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
 from .forward import alibi_batch_stride, check_offsets, dropout_args, strides, variant_args, variant_flags
 from .tile import (
     LOG2E,
@@ -66,36 +66,51 @@ def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.conste
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, mask_d,
-    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
+    dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, offs_d2,
+    mask_d, mask_d2, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
     window_left, window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = start_m + offs_m
-    qt = load_tile(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                   (rows < seqlen_q)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    do = load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                   (rows < seqlen_q)[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    in_q = rows < seqlen_q
+    qt_cols = q_base + rows[None, :] * stride_qm
+    do_rows = do_base + rows[:, None] * stride_dom
+    qt = load_tile(qt_cols + offs_d[:, None] * stride_qd, in_q[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    do = load_tile(do_rows + offs_d[None, :] * stride_dod, in_q[:, None], mask_d[None, :], MASKED, not EVEN_D)
     lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
-    st, th = score_tile(mma(k, qt, None, DOT_PRECISION), rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
-                        qk_scale, softcap, slope, SOFTCAP, ALIBI)  # [BLOCK_N, BLOCK_M]
+    qk = mma(k, qt, None, DOT_PRECISION)
+    dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+    qt2 = qt
+    do2 = do
+    if SPLIT_D:
+        qt2 = load_tile(qt_cols + offs_d2[:, None] * stride_qd, in_q[None, :], mask_d2[:, None], MASKED, not EVEN_D)
+        do2 = load_tile(do_rows + offs_d2[None, :] * stride_dod, in_q[:, None], mask_d2[None, :], MASKED, not EVEN_D)
+        qk = mma(k2, qt2, qk, DOT_PRECISION)
+        dpt = mma(v2, tl.trans(do2), dpt, DOT_PRECISION)
+    st, th = score_tile(qk, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                        ALIBI)  # [BLOCK_N, BLOCK_M]
     if MASKED:
         st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                          WINDOW)
     pt = tl.math.exp2(st - lse[None, :])
-    dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
     if DROPOUT:  # the output saw p * keep: so do dV and the p-gradient
         keep = dropout_keep(seed, offset, bh, rows[None, :], offs_n[:, None], dropout_p, rescale)
-        dv = mma(cast(pt * keep, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+        pt_out = pt * keep
         dpt = dpt * keep
     else:
-        dv = mma(cast(pt, do.dtype, DOT_PRECISION), do, dv, DOT_PRECISION)
+        pt_out = pt
+    pt_out = cast(pt_out, do.dtype, DOT_PRECISION)
+    dv = mma(pt_out, do, dv, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - th * th)
-    dk = mma(cast(dst, qt.dtype, DOT_PRECISION), tl.trans(qt), dk, DOT_PRECISION)
-    return dk, dv
+    dst = cast(dst, qt.dtype, DOT_PRECISION)
+    dk = mma(dst, tl.trans(qt), dk, DOT_PRECISION)
+    if SPLIT_D:
+        dv2 = mma(pt_out, do2, dv2, DOT_PRECISION)
+        dk2 = mma(dst, tl.trans(qt2), dk2, DOT_PRECISION)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
@@ -112,8 +127,8 @@ def _bwd_dkdv_kernel(
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
@@ -132,15 +147,24 @@ def _bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)  # the head dim's second part (SPLIT_D)
     mask_n = offs_n < seqlen_k
     mask_d = offs_d < head_dim
+    mask_d2 = offs_d2 < head_dim
 
-    k = load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                  mask_n[:, None], mask_d[None, :], True, not EVEN_D)
-    v = load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  mask_n[:, None], mask_d[None, :], True, not EVEN_D)
+    k_rows = K + offs_n[:, None] * stride_kn
+    v_rows = V + offs_n[:, None] * stride_vn
+    k = load_tile(k_rows + offs_d[None, :] * stride_kd, mask_n[:, None], mask_d[None, :], True, not EVEN_D)
+    v = load_tile(v_rows + offs_d[None, :] * stride_vd, mask_n[:, None], mask_d[None, :], True, not EVEN_D)
+    k2 = k
+    v2 = v
+    if SPLIT_D:
+        k2 = load_tile(k_rows + offs_d2[None, :] * stride_kd, mask_n[:, None], mask_d2[None, :], True, not EVEN_D)
+        v2 = load_tile(v_rows + offs_d2[None, :] * stride_vd, mask_n[:, None], mask_d2[None, :], True, not EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+    dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     # keys past seqlen_k in a ragged last tile need no mask: their dk/dv rows are never stored
     lo, full_lo, full_hi, hi = query_range(start_n, start_n + BLOCK_N - 1, seqlen_q, seqlen_k, window_left,
                                            window_right, BLOCK_M, CAUSAL, WINDOW)
@@ -154,64 +178,89 @@ def _bwd_dkdv_kernel(
         if DOT_PRECISION == "ieee":
             # fp32: sum each head's contribution on its own, then across the group, as the
             # reference does; one running sum over group * seqlen_q products loses ~2x accuracy
-            dk_total, dv_total = dk, dv
+            dk_total, dv_total, dk2_total, dv2_total = dk, dv, dk2, dv2
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+            dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
         for start_m in range(lo, tl.minimum(full_lo, hi), BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
-                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
-                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                True, EVEN_D, DOT_PRECISION)
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
+                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
+                                          slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
+                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          True, EVEN_D, SPLIT_D, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
-                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
-                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                False, EVEN_D, DOT_PRECISION)
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
+                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
+                                          slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
+                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          False, EVEN_D, SPLIT_D, DOT_PRECISION)
         for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n,
-                                offs_d, mask_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k,
-                                qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, bh,
-                                dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                True, EVEN_D, DOT_PRECISION)
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
+                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
+                                          slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
+                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          True, EVEN_D, SPLIT_D, DOT_PRECISION)
         if DOT_PRECISION == "ieee":
             dk = dk_total + dk
             dv = dv_total + dv
+            dk2 = dk2_total + dk2
+            dv2 = dv2_total + dv2
 
+    dk_rows = DK + offs_n[:, None] * stride_dkn
+    dv_rows = DV + offs_n[:, None] * stride_dvn
     mask = mask_n[:, None] & mask_d[None, :]
-    dk_ptrs = DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, cast(dk * softmax_scale, DK.dtype.element_ty, DOT_PRECISION), mask=mask)
-    tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=mask)
+    tl.store(dk_rows + offs_d[None, :] * stride_dkd, cast(dk * softmax_scale, DK.dtype.element_ty, DOT_PRECISION),
+             mask=mask)
+    tl.store(dv_rows + offs_d[None, :] * stride_dvd, cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=mask)
+    if SPLIT_D:
+        mask2 = mask_n[:, None] & mask_d2[None, :]
+        tl.store(dk_rows + offs_d2[None, :] * stride_dkd,
+                 cast(dk2 * softmax_scale, DK.dtype.element_ty, DOT_PRECISION), mask=mask2)
+        tl.store(dv_rows + offs_d2[None, :] * stride_dvd, cast(dv2, DV.dtype.element_ty, DOT_PRECISION), mask=mask2)
 
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+    dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
     seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
-    kt = load_tile(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    vt = load_tile(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                   (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    s, th = score_tile(mma(q, kt, None, DOT_PRECISION), offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, SOFTCAP, ALIBI)
+    in_k = cols < seqlen_k
+    kt_cols = k_base + cols[None, :] * stride_kn
+    vt_cols = v_base + cols[None, :] * stride_vn
+    kt = load_tile(kt_cols + offs_d[:, None] * stride_kd, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    vt = load_tile(vt_cols + offs_d[:, None] * stride_vd, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    qk = mma(q, kt, None, DOT_PRECISION)
+    dp = mma(do, vt, None, DOT_PRECISION)
+    kt2 = kt
+    if SPLIT_D:
+        kt2 = load_tile(kt_cols + offs_d2[:, None] * stride_kd, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
+        vt2 = load_tile(vt_cols + offs_d2[:, None] * stride_vd, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
+        qk = mma(q2, kt2, qk, DOT_PRECISION)
+        dp = mma(do2, vt2, dp, DOT_PRECISION)
+    s, th = score_tile(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                       ALIBI)
     if MASKED:
         s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)
     p = tl.math.exp2(s - lse[:, None])
-    dp = mma(do, vt, None, DOT_PRECISION)
     if DROPOUT:
         dp = dp * dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], dropout_p, rescale)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
-    return mma(cast(ds, kt.dtype, DOT_PRECISION), tl.trans(kt), dq, DOT_PRECISION)
+    ds = cast(ds, kt.dtype, DOT_PRECISION)
+    dq = mma(ds, tl.trans(kt), dq, DOT_PRECISION)
+    if SPLIT_D:
+        dq2 = mma(ds, tl.trans(kt2), dq2, DOT_PRECISION)
+    return dq, dq2
 
 
 @triton.jit
@@ -227,8 +276,8 @@ def _bwd_dq_kernel(
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -243,40 +292,54 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)  # the head dim's second part (SPLIT_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
+    mask_d2 = offs_d2 < head_dim
     slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
-    q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    do = load_tile(DOut + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    q_rows = Q + offs_m[:, None] * stride_qm
+    do_rows = DOut + offs_m[:, None] * stride_dom
+    q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    do = load_tile(do_rows + offs_d[None, :] * stride_dod, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    q2 = q
+    do2 = do
+    if SPLIT_D:
+        q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
+        do2 = load_tile(do_rows + offs_d2[None, :] * stride_dod, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
     lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q, True)
     k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
                                          window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                           offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
+                           qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
+                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
+                           DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, DOT_PRECISION)
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                           offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
+                           qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
+                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D,
+                           DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                      stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                      window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                      CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                           offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
+                           qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
+                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
+                           DOT_PRECISION)
 
-    dq_ptrs = DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
+    dq_rows = DQ + offs_m[:, None] * stride_dqm
+    tl.store(dq_rows + offs_d[None, :] * stride_dqd, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
              mask=mask_m[:, None] & mask_d[None, :])
+    if SPLIT_D:
+        tl.store(dq_rows + offs_d2[None, :] * stride_dqd,
+                 cast(dq2 * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d2[None, :])
 
 
 _dkdv = autotuned(_bwd_dkdv_kernel, "bwd_dkdv")
@@ -306,11 +369,9 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     rows_q = q4.shape[1]  # all query rows of a batch entry (varlen: every packed row)
     check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4)
     check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
-    block_d = head_block(head_dim)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), DROPOUT=dropout[0] > 0,
-                  VARLEN=varlen, BLOCK_D=block_d,
-                  EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype))
+                  VARLEN=varlen, **head_blocks(head_dim), DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
              *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k))
     tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))
@@ -319,7 +380,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
         # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
         _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
             o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim,
-            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_block(head_dim),
         )
         _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
             q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,

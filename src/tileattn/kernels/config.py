@@ -49,7 +49,7 @@ _FP32_CONFIGS = {
     "decode": {128: [(None, 32, 4, 2), (None, 16, 4, 1)], 256: [(None, 32, 4, 1), (None, 16, 4, 1)]},
 }
 _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32), "decode": (None, 32)}
-_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "DOT_PRECISION"]
+_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "BLOCK_D2", "SPLIT_D", "DOT_PRECISION"]
 _EXTRA_KEY = {"decode": ["BLOCK_M", "PAGED", "num_splits"]}
 
 
@@ -60,6 +60,25 @@ def interpreting() -> bool:
 def head_block(head_dim: int) -> int:
     """Head dims are padded in registers to a power of two (>= 16, tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def head_blocks(head_dim: int) -> dict:
+    """The head dim's tiling, as kernel meta-parameters: one power-of-two block (BLOCK_D, padded),
+    or, where it is narrower, two (BLOCK_D + BLOCK_D2 with SPLIT_D: 80 = 64 + 16, 96 = 64 + 32,
+    160 = 128 + 32), so the tensor cores do no work on padding columns. BLOCK_D2 is a
+    placeholder when SPLIT_D is off."""
+    padded = head_block(head_dim)
+    first = max(16, 1 << (head_dim.bit_length() - 1))  # largest power of two <= head_dim
+    second = max(16, triton.next_power_of_2(max(head_dim - first, 1)))
+    split = head_dim > first and first + second < padded
+    width = first + second if split else padded
+    return dict(BLOCK_D=first if split else padded, BLOCK_D2=second if split else 16, SPLIT_D=split,
+                EVEN_D=width == head_dim)
+
+
+def tile_width(meta: dict) -> int:
+    """Columns a kernel's head-dim tiles hold (BLOCK_D, plus BLOCK_D2 when split)."""
+    return meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta.get("SPLIT_D") else 0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -104,8 +123,8 @@ def autotuned(kernel, kind: str):
         if interpreting():
             kwargs.update(_meta(*_INTERPRETER_CONFIG[kind]))
             return kernel[grid](*args, **kwargs)
-        configs = _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])
-        key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
+        configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
+        key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
             kwargs.update(_meta(block_m, block_n), num_warps=warps, num_stages=stages)
@@ -115,14 +134,14 @@ def autotuned(kernel, kind: str):
                 continue  # e.g. fp32 at head dim 256: take the next, smaller config
             fitting[key] = i
             return result
-        raise RuntimeError(f"no {kind} tile config fits this GPU for head block {kwargs['BLOCK_D']}")
+        raise RuntimeError(f"no {kind} tile config fits this GPU for head-dim tiles of {tile_width(kwargs)} columns")
 
     def launch_tuned(grid, args, kwargs):
-        key = (_head_class(kwargs["BLOCK_D"]), kwargs["DOT_PRECISION"])
+        key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
         if key not in tuners:
             tuners[key] = triton.autotune(
                 configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s)
-                         for (m, n, w, s) in _configs(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"])],
+                         for (m, n, w, s) in _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])],
                 key=_KEY + _EXTRA_KEY.get(kind, []),
             )(kernel)
         return tuners[key][grid](*args, **kwargs)

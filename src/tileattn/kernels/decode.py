@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
 from .forward import alibi_batch_stride, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile
 
@@ -41,19 +41,21 @@ def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKE
 
 @triton.jit
 def _decode_tile(
-    acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx, k_lo, seqlen_q, seqlen_k,
-    page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale, softcap, slope,
-    window_left, window_right,
+    acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, q_idx, k_lo,
+    seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale, softcap,
+    slope, window_left, window_right,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    PAGED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
     page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
-    kt_ptrs = K + (page * stride_kb + row * stride_kn)[None, :] + offs_d[:, None] * stride_kd
-    v_ptrs = V + (page * stride_vb + row * stride_vn)[:, None] + offs_d[None, :] * stride_vd
-    return attend_tile(acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout at inference
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, EVEN_D, DOT_PRECISION)
+    k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
+    v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
+    return attend_tile(acc, acc2, l_i, m_i, q, q2, k_cols + offs_d[:, None] * stride_kd,
+                       k_cols + offs_d2[:, None] * stride_kd, v_rows + offs_d[None, :] * stride_vd,
+                       v_rows + offs_d2[None, :] * stride_vd, q_idx, cols, mask_d, mask_d2, seqlen_q, seqlen_k,
+                       qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, EVEN_D, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def _decode_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_r = tl.program_id(0) * BLOCK_M  # packed rows (query, head in group)
     pid_bh = tl.program_id(1)
@@ -88,9 +90,14 @@ def _decode_kernel(
     head = hk * group + offs_r % group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     mask_d = offs_d < head_dim
-    q = load_tile(Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None] + offs_d[None, :] * stride_qd,
-                  mask_r[:, None], mask_d[None, :], True, not EVEN_D)
+    mask_d2 = offs_d2 < head_dim
+    q_rows = Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None]
+    q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_r[:, None], mask_d[None, :], True, not EVEN_D)
+    q2 = q
+    if SPLIT_D:
+        q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_r[:, None], mask_d2[None, :], True, not EVEN_D)
     slope = 0.0
     if ALIBI:  # per row: the rows of a tile are different heads
         slope = tl.load(Alibi + b * stride_ab + head, mask=mask_r, other=0.0)[:, None] * LOG2E
@@ -118,29 +125,37 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     for start_n in range(split_lo, tl.minimum(full_lo, split_hi), BLOCK_N):
-        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
-                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
-                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
-                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
+                                           offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
+                                           stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
+                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                           True, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
-        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
-                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
-                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
-                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, False, PAGED, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
+                                           offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
+                                           stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
+                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                           False, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
     for start_n in range(tl.maximum(tl.maximum(full_lo, full_hi), split_lo), split_hi, BLOCK_N):
-        m_i, l_i, acc = _decode_tile(acc, l_i, m_i, q, K, V, BlockTableRow, start_n, offs_n, offs_d, mask_d, q_idx,
-                                     k_lo, seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb,
-                                     stride_vn, stride_vd, qk_scale, softcap, slope, window_left, window_right,
-                                     CAUSAL, WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
+                                           offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
+                                           stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
+                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                           True, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
 
     if SINK:  # the sink joins split 0's partial only, so the merge counts it once
         sink = tl.load(Sinks + head, mask=mask_r, other=0.0).to(tl.float32) * LOG2E
-        m_i, l_i, acc = fold_sink(m_i, l_i, acc, tl.where(split == 0, sink, float("-inf")))
-    out, lse = finish_softmax(m_i, l_i, acc)
+        m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.where(split == 0, sink, float("-inf")))
+    out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
     Out += split * stride_os + b * stride_ob
-    o_ptrs = Out + (q_idx * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=mask_r[:, None] & mask_d[None, :])
+    o_rows = Out + (q_idx * stride_om + head * stride_oh)[:, None]
+    tl.store(o_rows + offs_d[None, :] * stride_od, cast(out, Out.dtype.element_ty, DOT_PRECISION),
+             mask=mask_r[:, None] & mask_d[None, :])
+    if SPLIT_D:
+        tl.store(o_rows + offs_d2[None, :] * stride_od, cast(out2, Out.dtype.element_ty, DOT_PRECISION),
+                 mask=mask_r[:, None] & mask_d2[None, :])
     tl.store(Lse + split * stride_ls + b * stride_lb + head * stride_lh + q_idx, lse, mask=mask_r)
 
 
@@ -242,7 +257,6 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         lse_split = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
         out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
-    block_d = head_block(head_dim)
     precision = dot_precision(q.dtype)
     dummy = seqlens_k  # unused pointer arguments
     _decode[(m_tiles, batch * heads_kv, num_splits)](
@@ -256,14 +270,13 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
-        HAS_LEFTPAD=cache_leftpad is not None, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        DOT_PRECISION=precision, BLOCK_M=block_m,
+        HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), DOT_PRECISION=precision, BLOCK_M=block_m,
     )
     if num_splits > 1:
         _combine_kernel[(batch * seqlen_q, heads)](
             out_split, lse_split, out, lse,
             *out_split.stride()[:4], *lse_split.stride()[:3], *out.stride(), *lse.stride()[:2],
             seqlen_q, heads, head_dim, num_splits,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, DOT_PRECISION=precision,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=head_block(head_dim), DOT_PRECISION=precision,
         )
     return out, lse

@@ -5,24 +5,27 @@ import triton
 import triton.language as tl
 
 from ..layout import lse_shape
-from .config import autotuned, dot_precision, head_block, seqlen_bucket
+from .config import autotuned, dot_precision, head_blocks, seqlen_bucket
 from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile, sequence
 
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
     seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
-    return attend_tile(acc, l_i, m_i, q, k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_m, cols, mask_d,
+    k_cols = k_base + cols[None, :] * stride_kn
+    v_rows = v_base + cols[:, None] * stride_vn
+    return attend_tile(acc, acc2, l_i, m_i, q, q2, k_cols + offs_d[:, None] * stride_kd,
+                       k_cols + offs_d2[:, None] * stride_kd, v_rows + offs_d[None, :] * stride_vd,
+                       v_rows + offs_d2[None, :] * stride_vd, offs_m, cols, mask_d, mask_d2,
                        seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
                        seed, offset, bh, dropout_p, rescale,
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, EVEN_D, DOT_PRECISION)
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, EVEN_D, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -37,8 +40,9 @@ def _fwd_kernel(
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
-    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -50,43 +54,57 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)  # the head dim's second part (SPLIT_D)
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
+    mask_d2 = offs_d2 < head_dim
     slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
     Q += b * stride_qb + q_start * stride_qm + h * stride_qh
     q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q2 = q
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    if SPLIT_D:
+        q2 = load_tile(Q + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
+                       mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
     k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
                                          window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
+                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
+                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                        DROPOUT, True, EVEN_D, SPLIT_D, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
+                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
+                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                        DROPOUT, False, EVEN_D, SPLIT_D, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, mask_d,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap,
-                                  slope, window_left, window_right, seed, philox_offset, pid_bh, dropout_p, rescale,
-                                  CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
+                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
+                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                                        DROPOUT, True, EVEN_D, SPLIT_D, DOT_PRECISION)
 
     if SINK:
-        m_i, l_i, acc = fold_sink(m_i, l_i, acc, tl.load(Sinks + h).to(tl.float32) * LOG2E)
-    out, lse = finish_softmax(m_i, l_i, acc)
+        m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.load(Sinks + h).to(tl.float32) * LOG2E)
+    out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
-    o_ptrs = Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, DOT_PRECISION), mask=mask_m[:, None] & mask_d[None, :])
+    o_rows = Out + offs_m[:, None] * stride_om
+    tl.store(o_rows + offs_d[None, :] * stride_od, cast(out, Out.dtype.element_ty, DOT_PRECISION),
+             mask=mask_m[:, None] & mask_d[None, :])
+    if SPLIT_D:
+        tl.store(o_rows + offs_d2[None, :] * stride_od, cast(out2, Out.dtype.element_ty, DOT_PRECISION),
+                 mask=mask_m[:, None] & mask_d2[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
@@ -119,7 +137,6 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     check_offsets(seqlen_q, q=q4, out=o4)
     check_offsets(seqlen_k, k=k4, v=v4)
-    block_d = head_block(head_dim)
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
@@ -131,8 +148,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        DROPOUT=dropout[0] > 0, VARLEN=varlen, BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim, DOT_PRECISION=dot_precision(q.dtype),
+        DROPOUT=dropout[0] > 0, VARLEN=varlen, **head_blocks(head_dim), DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 

@@ -142,11 +142,12 @@ def dropout_keep(seed, offset, bh, rows, cols, dropout_p, rescale):
 
 
 @triton.jit
-def online_softmax_fold(s, m_i, l_i, acc, v, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """Fold one tile of base-2 scores s [M, N] and values v [N, D] into (m, l, acc). With
-    DROPOUT, keep [M, N] (0 or 1 / (1 - p)) scales the probabilities that reach acc; the sum l
-    (and so the LSE) stays that of the undropped softmax."""
+def online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                        SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [M, N] and values v [N, D] (and v2 [N, D2], the head
+    dim's second part, with SPLIT_D) into (m, l, acc, acc2). With DROPOUT, keep [M, N] (0 or
+    1 / (1 - p)) scales the probabilities that reach acc; the sum l (and so the LSE) stays that
+    of the undropped softmax."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
@@ -159,53 +160,63 @@ def online_softmax_fold(s, m_i, l_i, acc, v, keep, MASKED: tl.constexpr, DROPOUT
     acc = acc * alpha[:, None]
     if DROPOUT:
         p = p * keep
-    acc = mma(cast(p, v.dtype, DOT_PRECISION), v, acc, DOT_PRECISION)
-    return m_new, l_i, acc
+    p = cast(p, v.dtype, DOT_PRECISION)
+    acc = mma(p, v, acc, DOT_PRECISION)
+    if SPLIT_D:
+        acc2 = mma(p, v2, acc2 * alpha[:, None], DOT_PRECISION)
+    return m_new, l_i, acc, acc2
 
 
 @triton.jit
 def attend_tile(
-    acc, l_i, m_i, q, kt_ptrs, v_ptrs, q_idx, cols, mask_d, seqlen_q, seqlen_k, qk_scale,
-    softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    acc, acc2, l_i, m_i, q, q2, kt_ptrs, kt2_ptrs, v_ptrs, v2_ptrs, q_idx, cols, mask_d, mask_d2, seqlen_q, seqlen_k,
+    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The forward step shared by the dense/varlen and the KV-cache kernels: load K^T [D, N] and
     V [N, D] from pointer tiles the caller built (strided or gathered from pages), score them
     against q [M, D] and fold them in. cols are the tile's key indices, q_idx each row's query
-    index; both count from the sequence's first key/query."""
-    kt = load_tile(kt_ptrs, (cols < seqlen_k)[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    v = load_tile(v_ptrs, (cols < seqlen_k)[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    s, _ = score_tile(mma(q, kt, None, DOT_PRECISION), q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale,
-                      softcap, slope, SOFTCAP, ALIBI)
+    index; both count from the sequence's first key/query. With SPLIT_D the head dim comes in
+    two parts (q, kt, v, acc and q2, kt2, v2, acc2: 64 + 16 columns for head dim 80), so no
+    tensor-core work goes to padding; without it the *2 arguments are ignored."""
+    in_k = cols < seqlen_k
+    kt = load_tile(kt_ptrs, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    v = load_tile(v_ptrs, in_k[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    qk = mma(q, kt, None, DOT_PRECISION)
+    v2 = v
+    if SPLIT_D:
+        kt2 = load_tile(kt2_ptrs, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
+        v2 = load_tile(v2_ptrs, in_k[:, None], mask_d2[None, :], MASKED, not EVEN_D)
+        qk = mma(q2, kt2, qk, DOT_PRECISION)
+    s, _ = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP, ALIBI)
     if MASKED:
         s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)
     keep = 1.0
     if DROPOUT:
         keep = dropout_keep(seed, offset, bh, q_idx[:, None], cols[None, :], dropout_p, rescale)
-    return online_softmax_fold(s, m_i, l_i, acc, v, keep, MASKED, DROPOUT, DOT_PRECISION)
+    return online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit
-def fold_sink(m_i, l_i, acc, sink):
+def fold_sink(m_i, l_i, acc, acc2, sink):
     """Fold a per-row base-2 sink logit (a key with no value) into (m, l, acc); sink = -inf is a
     no-op, and a row that saw no key keeps acc = 0 but gains l > 0 (output 0, LSE = sink)."""
     m_new = tl.maximum(m_i, sink)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.math.exp2(sink - m_safe)
-    return m_new, l_i, acc * alpha[:, None]
+    return m_new, l_i, acc * alpha[:, None], acc2 * alpha[:, None]
 
 
 @triton.jit
-def finish_softmax(m_i, l_i, acc):
-    """Normalize the accumulator; returns (out, natural-log lse). Empty rows: 0 and -inf."""
+def finish_softmax(m_i, l_i, acc, acc2):
+    """Normalize the accumulators; returns (out, out2, natural-log lse). Empty rows: 0 and -inf."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    return out, lse
+    return acc / l_safe[:, None], acc2 / l_safe[:, None], lse
 
 
 @triton.jit

@@ -110,6 +110,21 @@ def test_packed_sequences_match_separate_runs(backend):
     torch.testing.assert_close(by_cu_seqlens, separate, atol=2e-5, rtol=2e-5)
 
 
+def test_packing_is_read_from_the_host_once_per_position_ids_tensor(monkeypatch):
+    from tileattn.integrations import transformers as integration
+
+    reads = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: reads.append(1) or nonzero(self, *a, **k))
+    pos = torch.cat([torch.arange(4), torch.arange(3)])[None]
+    for _ in range(3):  # three layers of one forward
+        cu, longest = integration._packed_cu_seqlens(pos, 1, 7, 7)
+    assert len(reads) == 1 and cu.tolist() == [0, 4, 7] and longest == 4
+    pos[0, 4:] = torch.arange(4, 7)  # edited in place: one sequence now
+    assert integration._packed_cu_seqlens(pos, 1, 7, 7) == (None, None) and len(reads) == 2
+    assert integration._packed_cu_seqlens(torch.arange(7)[None], 1, 7, 7) == (None, None)
+
+
 def test_mask_function_returns_none_without_padding():
     assert tileattn_mask(2, attention_mask=torch.ones(2, 5, dtype=torch.bool), kv_length=5) is None
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)

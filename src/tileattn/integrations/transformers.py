@@ -20,6 +20,8 @@ through to the kernels.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -100,17 +102,31 @@ def _dense(q, k, v, scale, causal, variants):
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, **variants)
 
 
+_last_packing: tuple = (None, -1, None)  # (weakref to position_ids, its version, result)
+
+
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: int, seqlen_k: int):
-    """cu_seqlens when one row holds several sequences (position ids restart at 0), else None."""
+    """(cu_seqlens, longest) when one row holds several sequences (position ids restart at 0),
+    else (None, None).
+
+    Finding the restarts reads the ids on the host; every layer of a forward gets the same
+    position_ids tensor, so the answer is kept for it and the host waits once per forward, not
+    once per layer."""
+    global _last_packing
     if position_ids is None or batch != 1 or seqlen_q != seqlen_k or seqlen_q < 2:
-        return None
+        return None, None
+    ref, version, result = _last_packing
+    if ref is not None and ref() is position_ids and position_ids._version == version:
+        return result
+    result = None, None
     pos = position_ids.reshape(-1)
-    if pos.shape[0] != seqlen_q:
-        return None
-    starts = (pos == 0).nonzero().flatten()
-    if starts.numel() < 2 or int(starts[0]) != 0:
-        return None
-    return torch.cat([starts, starts.new_tensor([seqlen_q])]).to(torch.int32)
+    if pos.shape[0] == seqlen_q:
+        starts = (pos == 0).nonzero().flatten()
+        if starts.numel() >= 2 and int(starts[0]) == 0:
+            cu = torch.cat([starts, starts.new_tensor([seqlen_q])]).to(torch.int32)
+            result = cu, int((cu[1:] - cu[:-1]).max())
+    _last_packing = (weakref.ref(position_ids), position_ids._version, result)
+    return result
 
 
 def tileattn_attention_forward(
@@ -153,9 +169,8 @@ def tileattn_attention_forward(
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if cu_q is None and attention_mask is None:
-        cu_q = cu_k = _packed_cu_seqlens(kwargs.get("position_ids"), batch, seqlen_q, k.shape[1])
-        if cu_q is not None:
-            max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
+        cu_q, max_q = _packed_cu_seqlens(kwargs.get("position_ids"), batch, seqlen_q, k.shape[1])
+        cu_k, max_k = cu_q, max_q
     if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
         out = flash_attn_varlen_func(
             q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),

@@ -21,7 +21,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(*s) for s in SHAPES])
-def test_forward_writes_every_element(shape, causal):
+def test_forward_writes_every_element(shape, causal, tma):
     batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
     q, k, v = make_qkv(*shape)
     out = torch.full((batch, seqlen_q, heads, head_dim), float("nan"), device=DEVICE)
@@ -33,7 +33,7 @@ def test_forward_writes_every_element(shape, causal):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
-def test_varlen_forward_writes_every_element():
+def test_varlen_forward_writes_every_element(tma):
     cu_q = torch.tensor([0, 1, 1, 70], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 5, 5, 36], dtype=torch.int32, device=DEVICE)  # middle: no queries, no keys
     q, k, v = (torch.randn(n, 3, 20, device=DEVICE) for n in (70, 36, 36))

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
 from .forward import alibi_batch_stride, variant_args, variant_flags
-from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile
+from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_tile
 
 
 @triton.jit
@@ -51,11 +51,12 @@ def _decode_tile(
     page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
     k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
     v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
-    return attend_tile(acc, acc2, l_i, m_i, q, q2, k_cols + offs_d[:, None] * stride_kd,
-                       k_cols + offs_d2[:, None] * stride_kd, v_rows + offs_d[None, :] * stride_vd,
-                       v_rows + offs_d2[None, :] * stride_vd, q_idx, cols, mask_d, mask_d2, seqlen_q, seqlen_k,
+    kt, kt2, v, v2 = load_kv(k_cols + offs_d[:, None] * stride_kd, k_cols + offs_d2[:, None] * stride_kd,
+                             v_rows + offs_d[None, :] * stride_vd, v_rows + offs_d2[None, :] * stride_vd,
+                             cols < seqlen_k, mask_d, mask_d2, MASKED, EVEN_D, SPLIT_D)
+    return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, EVEN_D, SPLIT_D, DOT_PRECISION)
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit

@@ -5,27 +5,50 @@ import triton
 import triton.language as tl
 
 from ..layout import lse_shape
-from .config import autotuned, dot_precision, head_blocks, seqlen_bucket
-from .tile import LOG2E, alibi_slope, attend_tile, cast, finish_softmax, fold_sink, key_range, load_tile, sequence
+from .config import autotuned, dot_precision, head_blocks, seqlen_bucket, use_tma
+from .tile import (
+    LOG2E,
+    alibi_slope,
+    attend_tile,
+    cast,
+    finish_softmax,
+    fold_sink,
+    key_range,
+    load_kv,
+    load_tile,
+    rows_desc,
+    sequence,
+)
 
 
 @triton.jit
 def _fwd_tile(
-    acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
+    acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
     seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
+    """Load one K/V tile (k_src... are TMA descriptors with TMA, base pointers without) and fold it in."""
     cols = start_n + offs_n
-    k_cols = k_base + cols[None, :] * stride_kn
-    v_rows = v_base + cols[:, None] * stride_vn
-    return attend_tile(acc, acc2, l_i, m_i, q, q2, k_cols + offs_d[:, None] * stride_kd,
-                       k_cols + offs_d2[:, None] * stride_kd, v_rows + offs_d[None, :] * stride_vd,
-                       v_rows + offs_d2[None, :] * stride_vd, offs_m, cols, mask_d, mask_d2,
-                       seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-                       seed, offset, bh, dropout_p, rescale,
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, EVEN_D, SPLIT_D, DOT_PRECISION)
+    if TMA:  # rows past seqlen_k come back as zeros; MASKED tiles mask their scores
+        kt = tl.trans(k_src.load([start_n, 0]))
+        v = v_src.load([start_n, 0])
+        kt2 = kt
+        v2 = v
+        if SPLIT_D:
+            kt2 = tl.trans(k2_src.load([start_n, 0]))
+            v2 = v2_src.load([start_n, 0])
+    else:
+        k_cols = k_src + cols[None, :] * stride_kn
+        v_rows = v_src + cols[:, None] * stride_vn
+        kt, kt2, v, v2 = load_kv(k_cols + offs_d[:, None] * stride_kd, k_cols + offs_d2[:, None] * stride_kd,
+                                 v_rows + offs_d[None, :] * stride_vd, v_rows + offs_d2[None, :] * stride_vd,
+                                 cols < seqlen_k, mask_d, mask_d2, MASKED, EVEN_D, SPLIT_D)
+    return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap,
+                       slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -41,8 +64,8 @@ def _fwd_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -61,50 +84,66 @@ def _fwd_kernel(
     slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
     Q += b * stride_qb + q_start * stride_qm + h * stride_qh
-    q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+    k_src = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
+    v_src = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
+    k2_src = k_src
+    v2_src = v_src
+    if TMA:
+        q = rows_desc(Q, seqlen_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, BLOCK_D2, False).load([start_m, 0])
+        q2 = q
+        if SPLIT_D:
+            q2 = rows_desc(Q, seqlen_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, BLOCK_D2, True).load([start_m, 0])
+            k2_src = rows_desc(k_src, seqlen_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, BLOCK_D2, True)
+            v2_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, True)
+        k_src = rows_desc(k_src, seqlen_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
+        v_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
+    else:
+        q_rows = Q + offs_m[:, None] * stride_qm
+        q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
+        q2 = q
+        if SPLIT_D:
+            q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    q2 = q
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
-    if SPLIT_D:
-        q2 = load_tile(Q + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
-                       mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
-    k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
-    v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
                                          window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
-                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
-                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                        DROPOUT, True, EVEN_D, SPLIT_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
+                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
+                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
+                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
-                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
-                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                        DROPOUT, False, EVEN_D, SPLIT_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
+                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
+                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
+                                        SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                        offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
-                                        seqlen_k, qk_scale, softcap, slope, window_left, window_right, seed,
-                                        philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                        DROPOUT, True, EVEN_D, SPLIT_D, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
+                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
+                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
+                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
 
     if SINK:
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.load(Sinks + h).to(tl.float32) * LOG2E)
     out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
+    out = cast(out, Out.dtype.element_ty, DOT_PRECISION)
+    out2 = cast(out2, Out.dtype.element_ty, DOT_PRECISION)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
-    o_rows = Out + offs_m[:, None] * stride_om
-    tl.store(o_rows + offs_d[None, :] * stride_od, cast(out, Out.dtype.element_ty, DOT_PRECISION),
-             mask=mask_m[:, None] & mask_d[None, :])
-    if SPLIT_D:
-        tl.store(o_rows + offs_d2[None, :] * stride_od, cast(out2, Out.dtype.element_ty, DOT_PRECISION),
-                 mask=mask_m[:, None] & mask_d2[None, :])
+    if TMA:
+        rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, False).store([start_m, 0], out)
+        if SPLIT_D:
+            rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, True).store([start_m, 0], out2)
+    else:
+        o_rows = Out + offs_m[:, None] * stride_om
+        tl.store(o_rows + offs_d[None, :] * stride_od, out, mask=mask_m[:, None] & mask_d[None, :])
+        if SPLIT_D:
+            tl.store(o_rows + offs_d2[None, :] * stride_od, out2, mask=mask_m[:, None] & mask_d2[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
@@ -137,6 +176,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     check_offsets(seqlen_q, q=q4, out=o4)
     check_offsets(seqlen_k, k=k4, v=v4)
+    blocks = head_blocks(head_dim)
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
@@ -148,7 +188,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        DROPOUT=dropout[0] > 0, VARLEN=varlen, **head_blocks(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, TMA=use_tma(blocks, q4, k4, v4, o4),
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 

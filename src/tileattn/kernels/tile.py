@@ -168,26 +168,50 @@ def online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED: tl.constexp
 
 
 @triton.jit
-def attend_tile(
-    acc, acc2, l_i, m_i, q, q2, kt_ptrs, kt2_ptrs, v_ptrs, v2_ptrs, q_idx, cols, mask_d, mask_d2, seqlen_q, seqlen_k,
-    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """The forward step shared by the dense/varlen and the KV-cache kernels: load K^T [D, N] and
-    V [N, D] from pointer tiles the caller built (strided or gathered from pages), score them
-    against q [M, D] and fold them in. cols are the tile's key indices, q_idx each row's query
-    index; both count from the sequence's first key/query. With SPLIT_D the head dim comes in
-    two parts (q, kt, v, acc and q2, kt2, v2, acc2: 64 + 16 columns for head dim 80), so no
-    tensor-core work goes to padding; without it the *2 arguments are ignored."""
-    in_k = cols < seqlen_k
+def rows_desc(base, rows, head_dim, stride_row, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr, SECOND: tl.constexpr):
+    """A TMA descriptor over one sequence's (rows, head_dim) matrix: the head dim's first part,
+    or with SECOND its second part (columns BLOCK_D..). Reads past the shape give zeros, writes
+    are dropped, so tiles never spill into the next sequence or head."""
+    if SECOND:
+        desc = tl.make_tensor_descriptor(base + BLOCK_D, shape=[rows, head_dim - BLOCK_D], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D2])
+    else:
+        desc = tl.make_tensor_descriptor(base, shape=[rows, head_dim], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    return desc
+
+
+@triton.jit
+def load_kv(kt_ptrs, kt2_ptrs, v_ptrs, v2_ptrs, in_k, mask_d, mask_d2, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+            SPLIT_D: tl.constexpr):
+    """K^T [D, N] and V [N, D] tiles (and the head dim's second part with SPLIT_D) from pointer
+    tiles the caller built, strided or gathered from pages; in_k marks the keys that exist."""
     kt = load_tile(kt_ptrs, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
     v = load_tile(v_ptrs, in_k[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    qk = mma(q, kt, None, DOT_PRECISION)
+    kt2 = kt
     v2 = v
     if SPLIT_D:
         kt2 = load_tile(kt2_ptrs, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
         v2 = load_tile(v2_ptrs, in_k[:, None], mask_d2[None, :], MASKED, not EVEN_D)
+    return kt, kt2, v, v2
+
+
+@triton.jit
+def attend_tile(
+    acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, cols, seqlen_q, seqlen_k,
+    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The forward step shared by the dense/varlen and the KV-cache kernels: score K^T [D, N]
+    against q [M, D] and fold the tile with V [N, D] into the running softmax. cols are the
+    tile's key indices, q_idx each row's query index; both count from the sequence's first
+    key/query. With SPLIT_D the head dim comes in two parts (q, kt, v, acc and q2, kt2, v2, acc2:
+    64 + 16 columns for head dim 80), so no tensor-core work goes to padding; without it the *2
+    arguments are ignored."""
+    qk = mma(q, kt, None, DOT_PRECISION)
+    if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
     s, _ = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP, ALIBI)
     if MASKED:

@@ -1,0 +1,109 @@
+"""Compile the kernels for an H100 (sm_90a) on a machine without a GPU.
+
+Triton's wheel carries ptxas, so lowering and assembly run anywhere; what fails here (a pass
+crash, a ptxas error, a shape the layouts reject) would fail on the GPU too, where device time
+is scarce. Run as a script, without TRITON_INTERPRET (the interpreter replaces the jit
+functions); test_sm90_compile.py does that. Prints one line per case and the registers,
+stack (spill) bytes and shared memory ptxas reports; exits 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
+
+TARGET = GPUTarget("cuda", 90, 32)
+_FLOATS = {"qk_scale", "softmax_scale", "softcap", "dropout_p", "rescale"}
+_INT_POINTERS = {"CuSeqQ", "CuSeqK", "SeqlensK", "BatchIdx", "LeftPad", "BlockTable"}
+_FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
+
+
+def _kernel(name: str):
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"tileattn.kernels.{module}"), attr)
+
+
+def _signature(fn, constexprs: dict, specialized: dict) -> dict:
+    """Argument types from the kernels' naming: CamelCase pointers, snake_case scalars."""
+    sig = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr or name in specialized:
+            sig[name] = "constexpr"
+        elif name[0].isupper() and name != "SEQ_BUCKET":
+            sig[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else "*bf16"
+        else:
+            sig[name] = "fp32" if name in _FLOATS else "i32"
+    return sig
+
+
+def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | None = None) -> str:
+    """Compile one kernel with one tile config; returns ptxas' resource line."""
+    fn = _kernel(kernel)
+    block_m, block_n, warps, stages = config
+    constexprs = dict(flags, BLOCK_N=block_n, **({} if block_m is None else {"BLOCK_M": block_m}))
+    constexprs.update(specialized or {})  # integers Triton specializes (e.g. a length of 1)
+    src = ASTSource(fn, _signature(fn, constexprs, specialized or {}), constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        report = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    fields = dict(f.split(":") for line in report.splitlines() if "REG:" in line for f in line.split() if ":" in f)
+    return f"REG {fields.get('REG')} STACK {fields.get('STACK')} smem {compiled.metadata.shared}"
+
+
+def _variants(**kw) -> dict:
+    base = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, VARLEN=False,
+                DOT_PRECISION="tf32")
+    return base | kw
+
+
+def cases():
+    """(label, kernel, config, constexprs, specialized ints): each kernel's default tile config
+    at head dims 128 (TMA forward) and 80 (split), plus the variant and length-1 corners."""
+    d128, d80 = head_blocks(128), head_blocks(80)
+    fwd, dq, dkdv, dec = (_GPU_CONFIGS[k][128][0] for k in ("fwd", "bwd_dq", "bwd_dkdv", "decode"))
+    yield "fwd d128 causal TMA", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=True, **d128), None
+    yield "fwd d128 full TMA, seqlen 1", "forward._fwd_kernel", fwd, _variants(
+        CAUSAL=False, SINK=False, TMA=True, **d128), dict(seqlen_q=1, seqlen_k=1)
+    yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
+        VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=True, **d128), None
+    yield "fwd d80 split causal", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=False, **d80), None
+    for label, blocks in (("d128", d128), ("d80 split", d80)):
+        yield f"dq {label}", "backward._bwd_dq_kernel", dq, _variants(**blocks), None
+        yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _variants(**blocks), None
+    yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(CAUSAL=False, **d128), dict(
+        seqlen_q=1, seqlen_k=1)
+    decode_flags = dict(SINK=False, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
+    for label, blocks in (("d128", d128), ("d80 split", d80)):
+        flags = _variants(**decode_flags, **blocks)
+        for key in ("DROPOUT", "VARLEN"):
+            flags.pop(key)
+        yield f"decode paged {label}", "decode._decode_kernel", dec, flags, None
+
+
+def main() -> int:
+    failed = 0
+    for label, kernel, config, flags, specialized in cases():
+        try:
+            print(f"ok   {label}: {compile_case(kernel, config, flags, specialized)}", flush=True)
+        except Exception as e:  # report every case, then fail
+            failed += 1
+            print(f"FAIL {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,6 +123,10 @@ def test_packing_is_read_from_the_host_once_per_position_ids_tensor(monkeypatch)
     pos[0, 4:] = torch.arange(4, 7)  # edited in place: one sequence now
     assert integration._packed_cu_seqlens(pos, 1, 7, 7) == (None, None) and len(reads) == 2
     assert integration._packed_cu_seqlens(torch.arange(7)[None], 1, 7, 7) == (None, None)
+    with torch.inference_mode():  # no version counter there
+        pos = torch.cat([torch.arange(2), torch.arange(5)])[None]
+        assert integration._packed_cu_seqlens(pos, 1, 7, 7)[1] == 5 and len(reads) == 4
+        assert integration._packed_cu_seqlens(pos, 1, 7, 7)[1] == 5 and len(reads) == 4
 
 
 def test_mask_function_returns_none_without_padding():

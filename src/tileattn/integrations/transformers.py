@@ -115,8 +115,10 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: 
     global _last_packing
     if position_ids is None or batch != 1 or seqlen_q != seqlen_k or seqlen_q < 2:
         return None, None
-    ref, version, result = _last_packing
-    if ref is not None and ref() is position_ids and position_ids._version == version:
+    # inference tensors have no version counter (and are not edited in place between layers)
+    version = None if position_ids.is_inference() else position_ids._version
+    ref, last_version, result = _last_packing
+    if ref is not None and ref() is position_ids and version == last_version:
         return result
     result = None, None
     pos = position_ids.reshape(-1)
@@ -125,7 +127,7 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: 
         if starts.numel() >= 2 and int(starts[0]) == 0:
             cu = torch.cat([starts, starts.new_tensor([seqlen_q])]).to(torch.int32)
             result = cu, int((cu[1:] - cu[:-1]).max())
-    _last_packing = (weakref.ref(position_ids), position_ids._version, result)
+    _last_packing = (weakref.ref(position_ids), version, result)
     return result
 
 

@@ -215,6 +215,8 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     times = []
 
     def on_token(tokens):
+        if not times:  # the decode steps queue without waiting: only the first token's time needs a sync
+            _sync(device)
         times.append(time.perf_counter())
         if printer:
             printer.put(tokens.cpu())
@@ -226,6 +228,8 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     out = fast_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, cuda_graph=cuda_graph, on_token=on_token)
     _sync(device)
+    if times:  # the last step ends when the device is done, not when it was queued
+        times[-1] = time.perf_counter()
     if printer:
         printer.end()
     new = out[0, input_ids.shape[1]:].tolist()

@@ -1,9 +1,11 @@
 """`tileattn bench`: it runs, the other backends agree with tileattn, and it writes its report."""
 
+import os
+
 import torch
 
-from tileattn.cli import main
-from tileattn.cli.bench import attention_flops
+from tileattn.cli import bench, main
+from tileattn.cli.bench import attention_backends, attention_flops
 
 
 def test_flop_convention():
@@ -21,3 +23,13 @@ def test_bench_writes_table_and_plot(tmp_path, capsys):
     diffs = [float(line.rsplit("maxdiff", 1)[1]) for line in out.splitlines() if "maxdiff" in line]
     # the CPU runs fp32 against sdpa-math; the GPU runs bf16 against sdpa-flash
     assert diffs and max(diffs) < (5e-2 if torch.cuda.is_available() else 1e-4)
+
+
+def test_tma_ab_adds_tileattn_without_tma(monkeypatch):
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    impls = attention_backends(torch.device("cpu"), tma_ab=True)
+    q, k, v = (torch.randn(1, 40, 2, 32) for _ in range(3))
+    seen = []
+    monkeypatch.setattr(bench, "flash_attn_func", lambda *a, **kw: seen.append(os.environ.get("TILEATTN_TMA")))
+    impls["tileattn-no-tma"](q, k, v, True)
+    assert seen == ["0"] and "TILEATTN_TMA" not in os.environ

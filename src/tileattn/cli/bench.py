@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlens", type=int, nargs="+", help="speed-grid sequence lengths (default 512..16k on GPU)")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="speed-grid head dims")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="speed-grid dtype")
+    p.add_argument("--tma-ab", action="store_true",
+                   help="also time tileattn with TMA descriptors off (pointer tiles), in the same run")
     p.add_argument("--check-filter", default="", help="run only accuracy cases whose name contains this text")
     p.add_argument("--generation", action="store_true",
                    help="also time generation with the Phi-2 architecture (random bf16 weights): "
@@ -82,9 +84,24 @@ def _sdpa(backend_name: str):
     return attn
 
 
-def attention_backends(device: torch.device) -> dict:
+def _without_tma(q, k, v, causal):
+    """tileattn with pointer tiles instead of TMA descriptors (TILEATTN_TMA=0 for this call)."""
+    saved = os.environ.get("TILEATTN_TMA")
+    os.environ["TILEATTN_TMA"] = "0"
+    try:
+        return flash_attn_func(q, k, v, causal=causal)
+    finally:
+        if saved is None:
+            del os.environ["TILEATTN_TMA"]
+        else:
+            os.environ["TILEATTN_TMA"] = saved
+
+
+def attention_backends(device: torch.device, tma_ab: bool = False) -> dict:
     """Every implementation present: name -> fn(q, k, v, causal) -> out (B, S, H, D)."""
     impls = {"tileattn": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)}
+    if tma_ab:
+        impls["tileattn-no-tma"] = _without_tma
     if device.type == "cuda":
         impls.update({
             "sdpa-flash": _sdpa("FLASH_ATTENTION"),
@@ -117,8 +134,8 @@ class Cell:
     max_diff: float | None = None  # tileattn vs the first other backend that ran, for sanity
 
 
-def speed_grid(device, dtype, seqlens, head_dims, log) -> list[Cell]:
-    impls = attention_backends(device)
+def speed_grid(device, dtype, seqlens, head_dims, log, tma_ab: bool = False) -> list[Cell]:
+    impls = attention_backends(device, tma_ab)
     cells = []
     for head_dim in head_dims:
         heads = HIDDEN // head_dim
@@ -428,7 +445,7 @@ def run(args) -> int:
     if not args.no_speed:
         seqlens = args.seqlens or ([512, 1024, 2048, 4096, 8192, 16384] if gpu else [128, 256])
         log(f"== speed, TFLOP/s fwd/bwd, {TOKENS} tokens, heads*head_dim={HIDDEN}")
-        cells = speed_grid(device, dtype if gpu else torch.float32, seqlens, args.head_dims, log)
+        cells = speed_grid(device, dtype if gpu else torch.float32, seqlens, args.head_dims, log, args.tma_ab)
     memory_rows = []
     if gpu and not args.no_memory:
         log("== peak memory")

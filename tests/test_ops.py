@@ -12,8 +12,9 @@ from .helpers import make_qkv
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_opcheck_forward_and_backward(backend, causal):
     q, k, v = (x.requires_grad_() for x in make_qkv(2, 19, 23, 4, 2, 16))
-    torch.library.opcheck(ops.fwd, (q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None))
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+    args = (q, k, v, None, None, 0, 0, 0.25, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+    torch.library.opcheck(ops.fwd_op, args)
+    out, lse = ops.fwd(*args)
     dout = torch.randn_like(out)
     detached = [x.detach() for x in (q, k, v, out)]
     no_variants = (-1, -1, 0.0, 0.0, 0, 0, None)
@@ -39,3 +40,18 @@ def test_compile_fullgraph(backend):
     (ref_grad,) = torch.autograd.grad(ref_loss, w)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_calls_needing_no_gradient_skip_the_dispatcher(backend, monkeypatch):
+    q, k, v = make_qkv(1, 9, 9, 2, 1, 16)
+    args = (None, None, 0, 0, 0.25, True, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+    want = ops.fwd_op(q, k, v, *args)
+    dispatched = []
+    op = ops.fwd_op
+    monkeypatch.setattr(ops, "fwd_op", lambda *a: dispatched.append(1) or op(*a))
+    got = ops.fwd(q, k, v, *args)  # nothing requires grad: the implementation directly
+    assert not dispatched and all(torch.equal(a, b) for a, b in zip(got, want))
+    ops.fwd(q.requires_grad_(), k, v, *args)  # autograd needs the op
+    with torch.no_grad():
+        ops.fwd(q, k, v, *args)
+    assert len(dispatched) == 1

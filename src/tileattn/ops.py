@@ -2,6 +2,12 @@
 
 Bookkeeping only: the math lives in the backend the op dispatches to. Registered as opaque
 ops so torch.compile traces through callers (fullgraph=True) without looking inside kernels.
+
+``fwd`` and ``fwd_kvcache`` are what callers use: in eager mode, when no input needs a gradient
+(inference, prefill, decode), they call the implementation directly, because the custom-op
+dispatcher costs tens of microseconds per call (once per layer per token in generation) and
+has nothing to do there. Compiling, autograd and tensor subclasses (fake tensors) go through
+the registered ops ``fwd_op`` and ``fwd_kvcache_op``.
 """
 
 from __future__ import annotations
@@ -15,8 +21,28 @@ from .layout import lse_shape
 # split by int32 cu_seqlens, with max_seqlen the longest sequence. One op pair serves both.
 
 
-@torch.library.custom_op("tileattn::fwd", mutates_args=())
-def fwd(
+def _direct(*tensors) -> bool:
+    """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
+        window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink):
+    """The tileattn::fwd op (see ``_fwd``), called directly where nothing needs the dispatcher."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
+            window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink)
+    if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink):
+        return _fwd(*args)
+    return fwd_op(*args)
+
+
+def _fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -45,7 +71,10 @@ def fwd(
     return out.contiguous(), lse.contiguous()
 
 
-@fwd.register_fake
+fwd_op = torch.library.custom_op("tileattn::fwd", _fwd, mutates_args=())
+
+
+@fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
       window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
@@ -117,11 +146,22 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, *([None] * 14), dsink
 
 
-fwd.register_autograd(_backward, setup_context=_setup_context)
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("tileattn::fwd_kvcache", mutates_args=())
-def fwd_kvcache(
+def fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink):
+    """The tileattn::fwd_kvcache op (see ``_fwd_kvcache``), called directly where nothing needs the
+    dispatcher (every eager decode step)."""
+    args = (q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+            num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink)
+    if _direct(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
+               learnable_sink):
+        return _fwd_kvcache(*args)
+    return fwd_kvcache_op(*args)
+
+
+def _fwd_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -145,7 +185,10 @@ def fwd_kvcache(
                                         softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
 
 
-@fwd_kvcache.register_fake
+fwd_kvcache_op = torch.library.custom_op("tileattn::fwd_kvcache", _fwd_kvcache, mutates_args=())
+
+
+@fwd_kvcache_op.register_fake
 def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits,
       window_left, window_right, softcap, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)

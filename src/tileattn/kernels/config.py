@@ -7,6 +7,7 @@ so one small, deliberately non-square shape is used there; ``TILEATTN_AUTOTUNE=0
 first (heuristic) config on the GPU too.
 """
 
+import functools
 import os
 
 import torch
@@ -67,13 +68,18 @@ def head_blocks(head_dim: int) -> dict:
     or, where it is narrower, two (BLOCK_D + BLOCK_D2 with SPLIT_D: 80 = 64 + 16, 96 = 64 + 32,
     160 = 128 + 32), so the tensor cores do no work on padding columns. BLOCK_D2 is a
     placeholder when SPLIT_D is off."""
+    return dict(_head_blocks(head_dim))  # a copy: callers may add to it
+
+
+@functools.lru_cache(maxsize=None)
+def _head_blocks(head_dim: int) -> tuple:
     padded = head_block(head_dim)
     first = max(16, 1 << (head_dim.bit_length() - 1))  # largest power of two <= head_dim
     second = max(16, triton.next_power_of_2(max(head_dim - first, 1)))
     split = head_dim > first and first + second < padded
     width = first + second if split else padded
-    return dict(BLOCK_D=first if split else padded, BLOCK_D2=second if split else 16, SPLIT_D=split,
-                EVEN_D=width == head_dim)
+    return tuple(dict(BLOCK_D=first if split else padded, BLOCK_D2=second if split else 16, SPLIT_D=split,
+                      EVEN_D=width == head_dim).items())
 
 
 def tile_width(meta: dict) -> int:
@@ -86,7 +92,7 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     tensor memory accelerator (descriptors made on the device) instead of pointer tiles.
 
     Needs an sm_90+ GPU, fp16/bf16, unit stride along the head dim and 16-byte aligned base and
-    strides. On the H100 it paid at head dim 128 (forward +6-14%) and not at 64 or 80 (-5..+7%),
+    strides. On the H100 it paid at head dim 128 (forward +1-14%) and not at 64 or 80 (-5..+7%),
     so the GPU takes it for 128-wide head tiles only; the interpreter takes it wherever it is
     allowed, so the CPU tests cover the path. TILEATTN_TMA=0 turns it off."""
     if os.environ.get("TILEATTN_TMA", "1") == "0" or not hasattr(triton.language, "make_tensor_descriptor"):

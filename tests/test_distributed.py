@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tileattn import flash_attn_func
+from tileattn import flash_attn_func, flash_attn_varlen_func
 from tileattn.distributed import ring_flash_attn_func, shard, unshard
 
 BATCH, SEQLEN, HEADS, HEADS_KV, DIM = 2, 48, 4, 2, 16
@@ -51,6 +51,54 @@ def test_ring_matches_single_process(tmp_path, world, layout, causal):
     for i, name in enumerate("qkv"):
         got = unshard([p["grads"][i] for p in parts], layout)
         torch.testing.assert_close(got, leaves[i].grad, atol=1e-5, rtol=0, msg=f"d{name}")
+
+
+DOCS = [0, 5, 22, 25, 48]  # packed documents of 5, 17, 3 and 23 tokens, crossing shard edges
+
+
+def _varlen_worker(rank, world, init_file, layout, causal, out_dir):
+    os.environ["TILEATTN_BACKEND"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q, k, v, dout = (x[:1] for x in _inputs())
+        leaves = [shard(x, rank, world, layout).clone().requires_grad_() for x in (q, k, v)]
+        cu = torch.tensor(DOCS, dtype=torch.int32)
+        out, lse = ring_flash_attn_func(*leaves, causal=causal, layout=layout, return_attn_probs=True, cu_seqlens=cu)
+        out.backward(shard(dout, rank, world, layout))
+        torch.save({"out": out.detach(), "lse": lse, "grads": [x.grad for x in leaves]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,layout,causal", [(2, "zigzag", True), (2, "contiguous", False)],
+                         ids=["2ranks-zigzag-causal", "2ranks-contiguous-full"])
+def test_ring_keeps_packed_documents_apart(tmp_path, world, layout, causal):
+    mp.spawn(_varlen_worker, args=(world, str(tmp_path / "init"), layout, causal, str(tmp_path)), nprocs=world)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    q, k, v, dout = (x[0] for x in _inputs())  # the packed sequence as (total, heads, dim)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(DOCS, DOCS[1:]))
+    ref_out, ref_lse, _ = flash_attn_varlen_func(*leaves, cu, cu, longest, longest, causal=causal,
+                                                 return_attn_probs=True)
+    ref_out.backward(dout)
+    torch.testing.assert_close(unshard([p["out"] for p in parts], layout)[0], ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unshard([p["lse"] for p in parts], layout, dim=2)[0], ref_lse, atol=1e-5, rtol=0)
+    for i, name in enumerate("qkv"):
+        got = unshard([p["grads"][i] for p in parts], layout)[0]
+        torch.testing.assert_close(got, leaves[i].grad, atol=1e-5, rtol=0, msg=f"d{name}")
+
+
+def test_document_bounds_are_checked():
+    from tileattn.distributed import _document_bounds
+
+    assert _document_bounds(torch.tensor([0, 3, 8], dtype=torch.int32), 8) == [0, 3, 8]
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32 tensor"):
+        _document_bounds(torch.tensor([0, 8]), 8)
+    with pytest.raises(ValueError, match="whole sequence's length 8"):
+        _document_bounds(torch.tensor([0, 3, 6], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="without decreasing"):
+        _document_bounds(torch.tensor([0, 5, 3, 8], dtype=torch.int32), 8)
 
 
 def test_shard_unshard_roundtrip_and_zigzag_order():

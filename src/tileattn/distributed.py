@@ -11,6 +11,10 @@ Causal attention with contiguous shards leaves rank 0 almost idle and the last r
 the work; ``layout="zigzag"`` gives rank r chunks r and 2W - 1 - r of 2W equal chunks, so every
 rank does the same work. :func:`shard` and :func:`unshard` cut and reassemble a sequence that
 way. GQA sends only the K/V heads.
+
+Packed documents (``cu_seqlens`` over the whole sequence, batch 1) keep their boundaries: each
+pair of chunks runs the varlen kernel on the pieces of every document the two chunks share, so
+no token attends across a document boundary and no work is spent between documents.
 """
 
 from __future__ import annotations
@@ -63,14 +67,36 @@ def _relation(q_chunk: int, k_chunk: int, causal: bool) -> str | None:
     return "causal" if k_chunk == q_chunk else None
 
 
-def _fwd_block(q, k, v, scale, causal):
-    return ops.fwd(q, k, v, None, None, 0, 0, scale, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+def _block_docs(bounds: list[int] | None, q_chunk: int, k_chunk: int, chunk: int, device):
+    """The documents two chunks share, as varlen arguments (cu_q, cu_k, max_q, max_k) in chunk
+    coordinates; None without packing. Every document contributes a (possibly empty) piece on
+    each side, so the pieces tile both chunks in order."""
+    if bounds is None:
+        return None
+    pieces_q, pieces_k = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        pieces_q.append(min(max(end - q_chunk * chunk, 0), chunk) - min(max(start - q_chunk * chunk, 0), chunk))
+        pieces_k.append(min(max(end - k_chunk * chunk, 0), chunk) - min(max(start - k_chunk * chunk, 0), chunk))
+    cu = torch.tensor([[0, 0]] + [[q, k] for q, k in zip(pieces_q, pieces_k)], dtype=torch.int32).cumsum(0)
+    cu = cu.to(device=device, dtype=torch.int32)
+    return cu[:, 0].contiguous(), cu[:, 1].contiguous(), max(pieces_q), max(pieces_k)
 
 
-def _bwd_block(dout, q, k, v, out, lse, scale, causal):
+def _fwd_block(q, k, v, scale, causal, docs=None):
+    if docs is None:
+        return ops.fwd(q, k, v, None, None, 0, 0, scale, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+    out, lse = ops.fwd(q[0], k[0], v[0], *docs, scale, causal, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
+    return out.unsqueeze(0), lse.unsqueeze(0)  # varlen (total, H, D), (H, total) -> batch 1
+
+
+def _bwd_block(dout, q, k, v, out, lse, scale, causal, docs=None):
     # the kernels lay delta out like a contiguous LSE: a view of the whole LSE won't do
-    return ops.bwd(dout, q, k, v, out, lse.contiguous(), None, None, 0, 0, scale, causal, False, -1, -1, 0.0, 0.0, 0,
-                   0, None)
+    if docs is None:
+        return ops.bwd(dout, q, k, v, out, lse.contiguous(), None, None, 0, 0, scale, causal, False, -1, -1, 0.0, 0.0,
+                       0, 0, None)
+    grads = ops.bwd(dout[0], q[0], k[0], v[0], out[0], lse[0].contiguous(), *docs, scale, causal, False, -1, -1,
+                    0.0, 0.0, 0, 0, None)
+    return tuple(g.unsqueeze(0) for g in grads)
 
 
 def _merge(acc, block):
@@ -117,11 +143,13 @@ def _pieces(x: torch.Tensor, n: int) -> list[torch.Tensor]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
+    def forward(ctx, q, k, v, group, causal, scale, layout, bounds):
         ring = _Ring(group)
         rank, world = dist.get_rank(group), ring.world
         mine = _chunk_ids(rank, world, layout)
         q_pieces = _pieces(q, len(mine))
+        chunk = q_pieces[0].shape[1]
+        docs = {}  # (q chunk, k chunk) -> varlen arguments, kept for the backward
         acc = [None] * len(mine)
         kv = (k, v)
         for step in range(world):
@@ -132,15 +160,16 @@ class _RingAttention(torch.autograd.Function):
                 for j, k_chunk in enumerate(_chunk_ids(src, world, layout)):
                     rel = _relation(q_chunk, k_chunk, causal)
                     if rel is not None:
+                        docs[q_chunk, k_chunk] = _block_docs(bounds, q_chunk, k_chunk, chunk, q.device)
                         acc[i] = _merge(acc[i], _fwd_block(q_pieces[i], k_pieces[j], v_pieces[j], scale,
-                                                           rel == "causal"))
+                                                           rel == "causal", docs[q_chunk, k_chunk]))
             ring.finish(pending)
             if incoming is not None:
                 kv = tuple(incoming)
         out = torch.cat([a[0] for a in acc], 1).to(q.dtype)
         lse = torch.cat([a[1] for a in acc], 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
+        ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.docs = group, causal, scale, layout, docs
         return out, lse
 
     @staticmethod
@@ -166,7 +195,8 @@ class _RingAttention(torch.autograd.Function):
                     rel = _relation(q_chunk, k_chunk, ctx.causal)
                     if rel is None:
                         continue
-                    g = _bwd_block(do_p[i], q_p[i], k_p[j], v_p[j], out_p[i], lse_p[i], ctx.scale, rel == "causal")
+                    g = _bwd_block(do_p[i], q_p[i], k_p[j], v_p[j], out_p[i], lse_p[i], ctx.scale, rel == "causal",
+                                   ctx.docs[q_chunk, k_chunk])
                     dq_p[i] += g[0].float()
                     dk_p[j] += g[1].float()
                     dv_p[j] += g[2].float()
@@ -175,7 +205,7 @@ class _RingAttention(torch.autograd.Function):
             ring.finish(kv_pending + grad_pending)
             block = (*kv_incoming, *grad_incoming)
         dk, dv = block[2], block[3]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_flash_attn_func(
@@ -187,6 +217,7 @@ def ring_flash_attn_func(
     softmax_scale: float | None = None,
     layout: str = "zigzag",
     return_attn_probs: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -198,6 +229,9 @@ def ring_flash_attn_func(
             supports for point-to-point (NCCL on GPUs, gloo on CPUs).
         causal: causal over the whole sequence (queries and keys of equal total length).
         layout: "zigzag" (balanced causal work) or "contiguous".
+        cu_seqlens: int32 (documents + 1,) boundaries of packed documents over the whole
+            (unsharded) sequence, the same on every rank; batch must be 1. Tokens attend only
+            within their document (causal within it when causal).
     Returns:
         out like q (this rank's shard of the output); with return_attn_probs, (out, lse) with
         lse (batch, heads, local_seqlen) float32 over the whole sequence's keys.
@@ -214,8 +248,25 @@ def ring_flash_attn_func(
     if layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: local seqlen must be even, got {q.shape[1]}")
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, group, bool(causal), scale, layout)
+    bounds = None
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens describes one packed sequence: batch must be 1, got {q.shape[0]}")
+        bounds = _document_bounds(cu_seqlens, q.shape[1] * dist.get_world_size(group))
+    out, lse = _RingAttention.apply(q, k, v, group, bool(causal), scale, layout, bounds)
     return (out, lse) if return_attn_probs else out
+
+
+def _document_bounds(cu_seqlens, total: int) -> list[int]:
+    """cu_seqlens as host ints (one read per call), checked against the whole sequence."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}"
+                        f" of shape {tuple(getattr(cu_seqlens, 'shape', ()))}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must run from 0 to the whole sequence's length {total} (local length x "
+                         f"world size) without decreasing, got {bounds[:8]}")
+    return bounds
 
 
 _CONTEXT = contextvars.ContextVar("tileattn_context_parallel", default=None)
@@ -228,7 +279,9 @@ def context_parallel(group: dist.ProcessGroup | None = None, layout: str = "zigz
     Inside the block, every attention call of a model loaded with attn_implementation="tileattn"
     that sees this rank's shard of a whole sequence (no padding mask, no KV cache) goes through
     :func:`ring_flash_attn_func`. Feed each rank ``shard(input_ids)`` with
-    ``position_ids=shard(arange(seqlen))`` so rotary positions are the global ones; the model's
+    ``position_ids=shard(arange(seqlen))`` so rotary positions are the global ones (packed
+    documents: pass ``cu_seq_lens_q`` of the whole sequence too, as a shard's position ids
+    cannot show where documents start on other ranks); the model's
     per-token outputs are then this rank's shard (reassemble with :func:`unshard`), and
     parameter gradients of a loss summed over ranks are the all-reduced sums.
     """

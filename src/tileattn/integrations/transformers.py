@@ -165,7 +165,10 @@ def tileattn_attention_forward(
     if ring is not None and attention_mask is None and seqlen_q == k.shape[1]:
         if variants["window_size"] != (-1, -1) or variants["softcap"] or s_aux is not None or variants["dropout_p"]:
             raise NotImplementedError("context-parallel attention supports plain (causal) attention only so far")
-        out = ring_flash_attn_func(q, k, v, group=ring[0], causal=causal, softmax_scale=scaling, layout=ring[1])
+        # packed documents: cu_seq_lens_q must describe the whole (unsharded) sequence
+        cu = kwargs.get("cu_seq_lens_q")
+        out = ring_flash_attn_func(q, k, v, group=ring[0], causal=causal, softmax_scale=scaling, layout=ring[1],
+                                   cu_seqlens=None if cu is None else cu.to(torch.int32))
         return out[..., :v_head_dim], None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")

@@ -33,3 +33,10 @@ def test_tma_ab_adds_tileattn_without_tma(monkeypatch):
     monkeypatch.setattr(bench, "flash_attn_func", lambda *a, **kw: seen.append(os.environ.get("TILEATTN_TMA")))
     impls["tileattn-no-tma"](q, k, v, True)
     assert seen == ["0"] and "TILEATTN_TMA" not in os.environ
+
+
+def test_ring_bench_runs_on_two_cpu_processes(tmp_path, capsys):
+    assert main(["bench", "--no-speed", "--ring", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "bench.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| 256 | 2 |"))
+    assert float(row.split("|")[-2]) < 1e-4  # ring and one process agree (fp32)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..api import flash_attn_func
 from ..testing import check_attention
 from .bench_decode import decode_bench, decode_table
+from .bench_ring import ring_bench, ring_table
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
+    p.add_argument("--ring", action="store_true",
+                   help="ring attention over all visible GPUs vs one GPU (causal fwd+bwd, 32k-128k tokens)")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
 
 
@@ -324,7 +327,8 @@ def large_batch_check(device, log) -> bool:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=()) -> str:
+def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=(),
+                 ring_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -357,6 +361,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines.append("")
     if decode_rows:
         lines += decode_table(decode_rows)
+    if ring_rows:
+        lines += ring_table(ring_rows)
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)
@@ -458,7 +464,12 @@ def run(args) -> int:
     if args.decode and gpu:
         log("== KV-cache decode bandwidth")
         decode_rows = decode_bench(device, log)
-    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows)
+    ring_rows = []
+    if args.ring:
+        log("== ring attention")
+        ring_rows = ring_bench(log) if gpu else ring_bench(log, seqlens=(256,), head_dim=32, reps=1)
+    text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
+                        ring_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

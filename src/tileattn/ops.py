@@ -22,8 +22,9 @@ from .layout import lse_shape
 
 
 def _direct(*tensors) -> bool:
-    """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted."""
-    if torch.compiler.is_compiling():
+    """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted
+    (torch.func transforms track gradients without requires_grad, so they take the op)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

@@ -21,6 +21,9 @@ from .layout import lse_shape
 # split by int32 cu_seqlens, with max_seqlen the longest sequence. One op pair serves both.
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # e.g. a model's sinks are Parameters
+
+
 def _direct(*tensors) -> bool:
     """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted
     (torch.func transforms track gradients without requires_grad, so they take the op)."""
@@ -28,7 +31,7 @@ def _direct(*tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return True
 

@@ -57,8 +57,6 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, seqlens: list[
             def ring_step():
                 ring_flash_attn_func(*local, causal=True).backward(local_dout)
 
-            for x in local:
-                x.grad = None
             out = ring_flash_attn_func(*local, causal=True)
             out.backward(local_dout)
             whole = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -19,7 +19,8 @@ from .tile import (
     cast,
     dropout_keep,
     key_range,
-    load_tile,
+    load_cols,
+    load_rows,
     mask_scores,
     mma,
     query_range,
@@ -74,18 +75,14 @@ def _dkdv_tile(
 ):
     rows = start_m + offs_m
     in_q = rows < seqlen_q
-    qt_cols = q_base + rows[None, :] * stride_qm
-    do_rows = do_base + rows[:, None] * stride_dom
-    qt = load_tile(qt_cols + offs_d[:, None] * stride_qd, in_q[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    do = load_tile(do_rows + offs_d[None, :] * stride_dod, in_q[:, None], mask_d[None, :], MASKED, not EVEN_D)
+    qt, qt2 = load_cols(q_base + rows[None, :] * stride_qm, offs_d, offs_d2, in_q, mask_d, mask_d2, stride_qd,
+                        MASKED, EVEN_D, SPLIT_D)
+    do, do2 = load_rows(do_base + rows[:, None] * stride_dom, offs_d, offs_d2, in_q, mask_d, mask_d2, stride_dod,
+                        MASKED, EVEN_D, SPLIT_D)
     lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
     qk = mma(k, qt, None, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
-    qt2 = qt
-    do2 = do
     if SPLIT_D:
-        qt2 = load_tile(qt_cols + offs_d2[:, None] * stride_qd, in_q[None, :], mask_d2[:, None], MASKED, not EVEN_D)
-        do2 = load_tile(do_rows + offs_d2[None, :] * stride_dod, in_q[:, None], mask_d2[None, :], MASKED, not EVEN_D)
         qk = mma(k2, qt2, qk, DOT_PRECISION)
         dpt = mma(v2, tl.trans(do2), dpt, DOT_PRECISION)
     st, th = score_tile(qk, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
@@ -152,15 +149,10 @@ def _bwd_dkdv_kernel(
     mask_d = offs_d < head_dim
     mask_d2 = offs_d2 < head_dim
 
-    k_rows = K + offs_n[:, None] * stride_kn
-    v_rows = V + offs_n[:, None] * stride_vn
-    k = load_tile(k_rows + offs_d[None, :] * stride_kd, mask_n[:, None], mask_d[None, :], True, not EVEN_D)
-    v = load_tile(v_rows + offs_d[None, :] * stride_vd, mask_n[:, None], mask_d[None, :], True, not EVEN_D)
-    k2 = k
-    v2 = v
-    if SPLIT_D:
-        k2 = load_tile(k_rows + offs_d2[None, :] * stride_kd, mask_n[:, None], mask_d2[None, :], True, not EVEN_D)
-        v2 = load_tile(v_rows + offs_d2[None, :] * stride_vd, mask_n[:, None], mask_d2[None, :], True, not EVEN_D)
+    k, k2 = load_rows(K + offs_n[:, None] * stride_kn, offs_d, offs_d2, mask_n, mask_d, mask_d2, stride_kd, True,
+                      EVEN_D, SPLIT_D)
+    v, v2 = load_rows(V + offs_n[:, None] * stride_vn, offs_d, offs_d2, mask_n, mask_d, mask_d2, stride_vd, True,
+                      EVEN_D, SPLIT_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
@@ -233,16 +225,13 @@ def _dq_tile(
 ):
     cols = start_n + offs_n
     in_k = cols < seqlen_k
-    kt_cols = k_base + cols[None, :] * stride_kn
-    vt_cols = v_base + cols[None, :] * stride_vn
-    kt = load_tile(kt_cols + offs_d[:, None] * stride_kd, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    vt = load_tile(vt_cols + offs_d[:, None] * stride_vd, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
+    kt, kt2 = load_cols(k_base + cols[None, :] * stride_kn, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd,
+                        MASKED, EVEN_D, SPLIT_D)
+    vt, vt2 = load_cols(v_base + cols[None, :] * stride_vn, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_vd,
+                        MASKED, EVEN_D, SPLIT_D)
     qk = mma(q, kt, None, DOT_PRECISION)
     dp = mma(do, vt, None, DOT_PRECISION)
-    kt2 = kt
     if SPLIT_D:
-        kt2 = load_tile(kt_cols + offs_d2[:, None] * stride_kd, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
-        vt2 = load_tile(vt_cols + offs_d2[:, None] * stride_vd, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
         qk = mma(q2, kt2, qk, DOT_PRECISION)
         dp = mma(do2, vt2, dp, DOT_PRECISION)
     s, th = score_tile(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
@@ -298,15 +287,10 @@ def _bwd_dq_kernel(
     mask_d2 = offs_d2 < head_dim
     slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
-    q_rows = Q + offs_m[:, None] * stride_qm
-    do_rows = DOut + offs_m[:, None] * stride_dom
-    q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    do = load_tile(do_rows + offs_d[None, :] * stride_dod, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-    q2 = q
-    do2 = do
-    if SPLIT_D:
-        q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
-        do2 = load_tile(do_rows + offs_d2[None, :] * stride_dod, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
+    q, q2 = load_rows(Q + offs_m[:, None] * stride_qm, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_qd, True,
+                      EVEN_D, SPLIT_D)
+    do, do2 = load_rows(DOut + offs_m[:, None] * stride_dom, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_dod,
+                        True, EVEN_D, SPLIT_D)
     lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q, True)
     k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
 from .forward import alibi_batch_stride, variant_args, variant_flags
-from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_tile
+from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
 @triton.jit
@@ -51,9 +51,8 @@ def _decode_tile(
     page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
     k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
     v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
-    kt, kt2, v, v2 = load_kv(k_cols + offs_d[:, None] * stride_kd, k_cols + offs_d2[:, None] * stride_kd,
-                             v_rows + offs_d[None, :] * stride_vd, v_rows + offs_d2[None, :] * stride_vd,
-                             cols < seqlen_k, mask_d, mask_d2, MASKED, EVEN_D, SPLIT_D)
+    kt, kt2, v, v2 = load_kv(k_cols, v_rows, offs_d, offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd,
+                             MASKED, EVEN_D, SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION)
@@ -94,11 +93,8 @@ def _decode_kernel(
     offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     mask_d = offs_d < head_dim
     mask_d2 = offs_d2 < head_dim
-    q_rows = Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None]
-    q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_r[:, None], mask_d[None, :], True, not EVEN_D)
-    q2 = q
-    if SPLIT_D:
-        q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_r[:, None], mask_d2[None, :], True, not EVEN_D)
+    q, q2 = load_rows(Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None], offs_d, offs_d2, mask_r,
+                      mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
     slope = 0.0
     if ALIBI:  # per row: the rows of a tile are different heads
         slope = tl.load(Alibi + b * stride_ab + head, mask=mask_r, other=0.0)[:, None] * LOG2E

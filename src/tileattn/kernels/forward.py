@@ -15,7 +15,7 @@ from .tile import (
     fold_sink,
     key_range,
     load_kv,
-    load_tile,
+    load_rows,
     rows_desc,
     sequence,
 )
@@ -41,11 +41,9 @@ def _fwd_tile(
             kt2 = tl.trans(k2_src.load([start_n, 0]))
             v2 = v2_src.load([start_n, 0])
     else:
-        k_cols = k_src + cols[None, :] * stride_kn
-        v_rows = v_src + cols[:, None] * stride_vn
-        kt, kt2, v, v2 = load_kv(k_cols + offs_d[:, None] * stride_kd, k_cols + offs_d2[:, None] * stride_kd,
-                                 v_rows + offs_d[None, :] * stride_vd, v_rows + offs_d2[None, :] * stride_vd,
-                                 cols < seqlen_k, mask_d, mask_d2, MASKED, EVEN_D, SPLIT_D)
+        kt, kt2, v, v2 = load_kv(k_src + cols[None, :] * stride_kn, v_src + cols[:, None] * stride_vn, offs_d,
+                                 offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
+                                 SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap,
                        slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
@@ -98,11 +96,8 @@ def _fwd_kernel(
         k_src = rows_desc(k_src, seqlen_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
         v_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
     else:
-        q_rows = Q + offs_m[:, None] * stride_qm
-        q = load_tile(q_rows + offs_d[None, :] * stride_qd, mask_m[:, None], mask_d[None, :], True, not EVEN_D)
-        q2 = q
-        if SPLIT_D:
-            q2 = load_tile(q_rows + offs_d2[None, :] * stride_qd, mask_m[:, None], mask_d2[None, :], True, not EVEN_D)
+        q, q2 = load_rows(Q + offs_m[:, None] * stride_qm, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_qd, True,
+                          EVEN_D, SPLIT_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 

@@ -183,17 +183,35 @@ def rows_desc(base, rows, head_dim, stride_row, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def load_kv(kt_ptrs, kt2_ptrs, v_ptrs, v2_ptrs, in_k, mask_d, mask_d2, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-            SPLIT_D: tl.constexpr):
-    """K^T [D, N] and V [N, D] tiles (and the head dim's second part with SPLIT_D) from pointer
-    tiles the caller built, strided or gathered from pages; in_k marks the keys that exist."""
-    kt = load_tile(kt_ptrs, in_k[None, :], mask_d[:, None], MASKED, not EVEN_D)
-    v = load_tile(v_ptrs, in_k[:, None], mask_d[None, :], MASKED, not EVEN_D)
-    kt2 = kt
-    v2 = v
+def load_rows(rows, offs_d, offs_d2, mask_r, mask_d, mask_d2, stride_d, CHECK_ROWS: tl.constexpr,
+              EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr):
+    """A [R, D] tile from row pointers rows [R, 1] (mask_r marks the rows that exist), and with
+    SPLIT_D the head dim's second part [R, D2]; without it the second is the first, unused."""
+    x = load_tile(rows + offs_d[None, :] * stride_d, mask_r[:, None], mask_d[None, :], CHECK_ROWS, not EVEN_D)
+    x2 = x
     if SPLIT_D:
-        kt2 = load_tile(kt2_ptrs, in_k[None, :], mask_d2[:, None], MASKED, not EVEN_D)
-        v2 = load_tile(v2_ptrs, in_k[:, None], mask_d2[None, :], MASKED, not EVEN_D)
+        x2 = load_tile(rows + offs_d2[None, :] * stride_d, mask_r[:, None], mask_d2[None, :], CHECK_ROWS, not EVEN_D)
+    return x, x2
+
+
+@triton.jit
+def load_cols(cols, offs_d, offs_d2, mask_c, mask_d, mask_d2, stride_d, CHECK_COLS: tl.constexpr,
+              EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr):
+    """load_rows transposed: a [D, C] tile from column pointers cols [1, C] (and its [D2, C] part)."""
+    x = load_tile(cols + offs_d[:, None] * stride_d, mask_c[None, :], mask_d[:, None], CHECK_COLS, not EVEN_D)
+    x2 = x
+    if SPLIT_D:
+        x2 = load_tile(cols + offs_d2[:, None] * stride_d, mask_c[None, :], mask_d2[:, None], CHECK_COLS, not EVEN_D)
+    return x, x2
+
+
+@triton.jit
+def load_kv(k_cols, v_rows, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED: tl.constexpr,
+            EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr):
+    """K^T [D, N] and V [N, D] tiles (and the head dim's second parts with SPLIT_D) from key
+    pointers the caller built, strided or gathered from pages; in_k marks the keys that exist."""
+    kt, kt2 = load_cols(k_cols, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd, MASKED, EVEN_D, SPLIT_D)
+    v, v2 = load_rows(v_rows, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_vd, MASKED, EVEN_D, SPLIT_D)
     return kt, kt2, v, v2
 
 

@@ -65,7 +65,7 @@ def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | No
 
 
 def _variants(**kw) -> dict:
-    base = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, VARLEN=False,
+    base = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, VARLEN=False, WIDE=False,
                 DOT_PRECISION="tf32")
     return base | kw
 
@@ -84,14 +84,18 @@ def cases():
     for label, blocks in (("d128", d128), ("d80 split", d80)):
         yield f"dq {label}", "backward._bwd_dq_kernel", dq, _variants(**blocks), None
         yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _variants(**blocks), None
+    yield "fwd d128 pointers, 64-bit tile starts", "forward._fwd_kernel", fwd, _variants(
+        SINK=False, TMA=False, WIDE=True, **d128), None
+    yield "dk/dv d128, 64-bit tile starts", "backward._bwd_dkdv_kernel", dkdv, _variants(WIDE=True, **d128), None
+    yield "dq d128, 64-bit tile starts", "backward._bwd_dq_kernel", dq, _variants(WIDE=True, **d128), None
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(CAUSAL=False, **d128), dict(
         seqlen_q=1, seqlen_k=1)
-    decode_flags = dict(SINK=False, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
-    for label, blocks in (("d128", d128), ("d80 split", d80)):
-        flags = _variants(**decode_flags, **blocks)
-        for key in ("DROPOUT", "VARLEN"):
+    decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
+    for label, blocks, paged in (("paged d128", d128, True), ("paged d80 split", d80, True), ("dense d128", d128, False)):
+        flags = _variants(**decode_flags, **blocks, PAGED=paged)
+        for key in ("DROPOUT", "VARLEN", "WIDE"):
             flags.pop(key)
-        yield f"decode paged {label}", "decode._decode_kernel", dec, flags, None
+        yield f"decode {label}", "decode._decode_kernel", dec, flags, None
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ from .tile import (
     mask_scores,
     mma,
     query_range,
+    row_ptrs,
     score_tile,
     sequence,
 )
@@ -71,14 +72,15 @@ def _dkdv_tile(
     mask_d, mask_d2, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
     window_left, window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     rows = start_m + offs_m
     in_q = rows < seqlen_q
-    qt, qt2 = load_cols(q_base + rows[None, :] * stride_qm, offs_d, offs_d2, in_q, mask_d, mask_d2, stride_qd,
-                        MASKED, EVEN_D, SPLIT_D)
-    do, do2 = load_rows(do_base + rows[:, None] * stride_dom, offs_d, offs_d2, in_q, mask_d, mask_d2, stride_dod,
-                        MASKED, EVEN_D, SPLIT_D)
+    qt, qt2 = load_cols(row_ptrs(q_base, start_m, offs_m, stride_qm, WIDE)[None, :], offs_d, offs_d2, in_q, mask_d,
+                        mask_d2, stride_qd, MASKED, EVEN_D, SPLIT_D)
+    do, do2 = load_rows(row_ptrs(do_base, start_m, offs_m, stride_dom, WIDE)[:, None], offs_d, offs_d2, in_q, mask_d,
+                        mask_d2, stride_dod, MASKED, EVEN_D, SPLIT_D)
     lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED)
     qk = mma(k, qt, None, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
@@ -125,7 +127,8 @@ def _bwd_dkdv_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
@@ -141,7 +144,8 @@ def _bwd_dkdv_kernel(
     V += b * stride_vb + k_start * stride_vn + hk * stride_vh
     DK += b * stride_dkb + k_start * stride_dkn + hk * stride_dkh
     DV += b * stride_dvb + k_start * stride_dvn + hk * stride_dvh
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    tile_n = tl.arange(0, BLOCK_N)
+    offs_n = start_n + tile_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)  # the head dim's second part (SPLIT_D)
@@ -149,10 +153,10 @@ def _bwd_dkdv_kernel(
     mask_d = offs_d < head_dim
     mask_d2 = offs_d2 < head_dim
 
-    k, k2 = load_rows(K + offs_n[:, None] * stride_kn, offs_d, offs_d2, mask_n, mask_d, mask_d2, stride_kd, True,
-                      EVEN_D, SPLIT_D)
-    v, v2 = load_rows(V + offs_n[:, None] * stride_vn, offs_d, offs_d2, mask_n, mask_d, mask_d2, stride_vd, True,
-                      EVEN_D, SPLIT_D)
+    k, k2 = load_rows(row_ptrs(K, start_n, tile_n, stride_kn, WIDE)[:, None], offs_d, offs_d2, mask_n, mask_d, mask_d2,
+                      stride_kd, True, EVEN_D, SPLIT_D)
+    v, v2 = load_rows(row_ptrs(V, start_n, tile_n, stride_vn, WIDE)[:, None], offs_d, offs_d2, mask_n, mask_d, mask_d2,
+                      stride_vd, True, EVEN_D, SPLIT_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
@@ -181,29 +185,29 @@ def _bwd_dkdv_kernel(
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                          True, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                          True, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
                                           start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                          False, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                          False, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
                                           start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-                                          True, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                          True, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         if DOT_PRECISION == "ieee":
             dk = dk_total + dk
             dv = dv_total + dv
             dk2 = dk2_total + dk2
             dv2 = dv2_total + dv2
 
-    dk_rows = DK + offs_n[:, None] * stride_dkn
-    dv_rows = DV + offs_n[:, None] * stride_dvn
+    dk_rows = row_ptrs(DK, start_n, tile_n, stride_dkn, WIDE)[:, None]
+    dv_rows = row_ptrs(DV, start_n, tile_n, stride_dvn, WIDE)[:, None]
     mask = mask_n[:, None] & mask_d[None, :]
     tl.store(dk_rows + offs_d[None, :] * stride_dkd, cast(dk * softmax_scale, DK.dtype.element_ty, DOT_PRECISION),
              mask=mask)
@@ -221,14 +225,15 @@ def _dq_tile(
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
     seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
     in_k = cols < seqlen_k
-    kt, kt2 = load_cols(k_base + cols[None, :] * stride_kn, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd,
-                        MASKED, EVEN_D, SPLIT_D)
-    vt, vt2 = load_cols(v_base + cols[None, :] * stride_vn, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_vd,
-                        MASKED, EVEN_D, SPLIT_D)
+    kt, kt2 = load_cols(row_ptrs(k_base, start_n, offs_n, stride_kn, WIDE)[None, :], offs_d, offs_d2, in_k, mask_d,
+                        mask_d2, stride_kd, MASKED, EVEN_D, SPLIT_D)
+    vt, vt2 = load_cols(row_ptrs(v_base, start_n, offs_n, stride_vn, WIDE)[None, :], offs_d, offs_d2, in_k, mask_d,
+                        mask_d2, stride_vd, MASKED, EVEN_D, SPLIT_D)
     qk = mma(q, kt, None, DOT_PRECISION)
     dp = mma(do, vt, None, DOT_PRECISION)
     if SPLIT_D:
@@ -266,7 +271,8 @@ def _bwd_dq_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -278,7 +284,8 @@ def _bwd_dq_kernel(
     Q += b * stride_qb + q_start * stride_qm + h * stride_qh
     DOut += b * stride_dob + q_start * stride_dom + h * stride_doh
     DQ += b * stride_dqb + q_start * stride_dqm + h * stride_dqh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + tile_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)  # the head dim's second part (SPLIT_D)
@@ -287,10 +294,10 @@ def _bwd_dq_kernel(
     mask_d2 = offs_d2 < head_dim
     slope = alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
-    q, q2 = load_rows(Q + offs_m[:, None] * stride_qm, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_qd, True,
-                      EVEN_D, SPLIT_D)
-    do, do2 = load_rows(DOut + offs_m[:, None] * stride_dom, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_dod,
-                        True, EVEN_D, SPLIT_D)
+    q, q2 = load_rows(row_ptrs(Q, start_m, tile_m, stride_qm, WIDE)[:, None], offs_d, offs_d2, mask_m, mask_d, mask_d2,
+                      stride_qd, True, EVEN_D, SPLIT_D)
+    do, do2 = load_rows(row_ptrs(DOut, start_m, tile_m, stride_dom, WIDE)[:, None], offs_d, offs_d2, mask_m, mask_d,
+                        mask_d2, stride_dod, True, EVEN_D, SPLIT_D)
     lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q, True)
     k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
@@ -304,21 +311,21 @@ def _bwd_dq_kernel(
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
                            dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
-                           DOT_PRECISION)
+                           WIDE, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
                            dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D,
-                           DOT_PRECISION)
+                           WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
                            dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
-                           DOT_PRECISION)
+                           WIDE, DOT_PRECISION)
 
-    dq_rows = DQ + offs_m[:, None] * stride_dqm
+    dq_rows = row_ptrs(DQ, start_m, tile_m, stride_dqm, WIDE)[:, None]
     tl.store(dq_rows + offs_d[None, :] * stride_dqd, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
              mask=mask_m[:, None] & mask_d[None, :])
     if SPLIT_D:
@@ -351,11 +358,10 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     rows_q = q4.shape[1]  # all query rows of a batch entry (varlen: every packed row)
-    check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4)
-    check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
+    wide = check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4) | check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), DROPOUT=dropout[0] > 0,
-                  VARLEN=varlen, **head_blocks(head_dim), DOT_PRECISION=dot_precision(q.dtype))
+                  VARLEN=varlen, WIDE=wide, **head_blocks(head_dim), DOT_PRECISION=dot_precision(q.dtype))
     sizes = (seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value, softmax_scale,
              *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k))
     tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))

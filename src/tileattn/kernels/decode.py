@@ -20,13 +20,21 @@ import triton
 import triton.language as tl
 
 from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
-from .forward import alibi_batch_stride, variant_args, variant_flags
+from .forward import alibi_batch_stride, check_offsets, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
 @triton.jit
-def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKED: tl.constexpr):
-    """(page, row in page) of cache positions pos; a dense cache is one page."""
+def _rows64(rows, WIDE: tl.constexpr):
+    if WIDE:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
+def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr):
+    """(page, row in page) of cache positions pos; a dense cache is one page (WIDE: whose
+    offsets pass 2**31 elements, so its rows are 64-bit)."""
     if PAGED:
         if MASKED:
             page = tl.load(BlockTableRow + pos // page_size, mask=valid, other=0)
@@ -35,7 +43,7 @@ def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKE
         row = pos % page_size
     else:
         page = pos * 0
-        row = pos
+        row = _rows64(pos, WIDE)
     return page.to(tl.int64), row
 
 
@@ -45,10 +53,10 @@ def _decode_tile(
     seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale, softcap,
     slope, window_left, window_right,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
-    page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED)
+    page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED, WIDE)
     k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
     v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
     kt, kt2, v, v2 = load_kv(k_cols, v_rows, offs_d, offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd,
@@ -71,7 +79,7 @@ def _decode_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_r = tl.program_id(0) * BLOCK_M  # packed rows (query, head in group)
@@ -93,8 +101,8 @@ def _decode_kernel(
     offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     mask_d = offs_d < head_dim
     mask_d2 = offs_d2 < head_dim
-    q, q2 = load_rows(Q + b * stride_qb + (q_idx * stride_qm + head * stride_qh)[:, None], offs_d, offs_d2, mask_r,
-                      mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
+    q, q2 = load_rows(Q + b * stride_qb + (_rows64(q_idx, WIDE) * stride_qm + head * stride_qh)[:, None], offs_d,
+                      offs_d2, mask_r, mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
     slope = 0.0
     if ALIBI:  # per row: the rows of a tile are different heads
         slope = tl.load(Alibi + b * stride_ab + head, mask=mask_r, other=0.0)[:, None] * LOG2E
@@ -128,26 +136,26 @@ def _decode_kernel(
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           True, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                           True, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           False, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                           False, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(tl.maximum(full_lo, full_hi), split_lo), split_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           True, PAGED, EVEN_D, SPLIT_D, DOT_PRECISION)
+                                           True, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
 
     if SINK:  # the sink joins split 0's partial only, so the merge counts it once
         sink = tl.load(Sinks + head, mask=mask_r, other=0.0).to(tl.float32) * LOG2E
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.where(split == 0, sink, float("-inf")))
     out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
     Out += split * stride_os + b * stride_ob
-    o_rows = Out + (q_idx * stride_om + head * stride_oh)[:, None]
+    o_rows = Out + (_rows64(q_idx, WIDE) * stride_om + head * stride_oh)[:, None]
     tl.store(o_rows + offs_d[None, :] * stride_od, cast(out, Out.dtype.element_ty, DOT_PRECISION),
              mask=mask_r[:, None] & mask_d[None, :])
     if SPLIT_D:
@@ -255,6 +263,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     else:
         out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
     precision = dot_precision(q.dtype)
+    # a page's rows, or a dense cache's, are addressed from the page's start
+    wide = check_offsets(page_size, k_cache=k_cache, v_cache=v_cache) | check_offsets(seqlen_q, q=q, out=out)
     dummy = seqlens_k  # unused pointer arguments
     _decode[(m_tiles, batch * heads_kv, num_splits)](
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
@@ -267,7 +277,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
-        HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), DOT_PRECISION=precision, BLOCK_M=block_m,
+        HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision,
+        BLOCK_M=block_m,
     )
     if num_splits > 1:
         _combine_kernel[(batch * seqlen_q, heads)](

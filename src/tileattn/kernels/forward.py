@@ -16,6 +16,7 @@ from .tile import (
     key_range,
     load_kv,
     load_rows,
+    row_ptrs,
     rows_desc,
     sequence,
 )
@@ -27,7 +28,7 @@ def _fwd_tile(
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
     seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Load one K/V tile (k_src... are TMA descriptors with TMA, base pointers without) and fold it in."""
@@ -41,8 +42,9 @@ def _fwd_tile(
             kt2 = tl.trans(k2_src.load([start_n, 0]))
             v2 = v2_src.load([start_n, 0])
     else:
-        kt, kt2, v, v2 = load_kv(k_src + cols[None, :] * stride_kn, v_src + cols[:, None] * stride_vn, offs_d,
-                                 offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
+        kt, kt2, v, v2 = load_kv(row_ptrs(k_src, start_n, offs_n, stride_kn, WIDE)[None, :],
+                                 row_ptrs(v_src, start_n, offs_n, stride_vn, WIDE)[:, None], offs_d, offs_d2,
+                                 cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
                                  SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap,
                        slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
@@ -62,7 +64,7 @@ def _fwd_kernel(
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -96,8 +98,8 @@ def _fwd_kernel(
         k_src = rows_desc(k_src, seqlen_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
         v_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
     else:
-        q, q2 = load_rows(Q + offs_m[:, None] * stride_qm, offs_d, offs_d2, mask_m, mask_d, mask_d2, stride_qd, True,
-                          EVEN_D, SPLIT_D)
+        q, q2 = load_rows(row_ptrs(Q, start_m, tl.arange(0, BLOCK_M), stride_qm, WIDE)[:, None], offs_d, offs_d2,
+                          mask_m, mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 
@@ -110,19 +112,19 @@ def _fwd_kernel(
                                         offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
                                         stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
+                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
                                         offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
                                         stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
+                                        SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
                                         offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
                                         stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, DOT_PRECISION)
+                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
 
     if SINK:
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.load(Sinks + h).to(tl.float32) * LOG2E)
@@ -135,7 +137,7 @@ def _fwd_kernel(
         if SPLIT_D:
             rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, True).store([start_m, 0], out2)
     else:
-        o_rows = Out + offs_m[:, None] * stride_om
+        o_rows = row_ptrs(Out, start_m, tl.arange(0, BLOCK_M), stride_om, WIDE)[:, None]
         tl.store(o_rows + offs_d[None, :] * stride_od, out, mask=mask_m[:, None] & mask_d[None, :])
         if SPLIT_D:
             tl.store(o_rows + offs_d2[None, :] * stride_od, out2, mask=mask_m[:, None] & mask_d2[None, :])
@@ -169,8 +171,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
-    check_offsets(seqlen_q, q=q4, out=o4)
-    check_offsets(seqlen_k, k=k4, v=v4)
+    wide = check_offsets(seqlen_q, q=q4, out=o4) | check_offsets(seqlen_k, k=k4, v=v4)
     blocks = head_blocks(head_dim)
 
     def grid(meta):
@@ -183,7 +184,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, TMA=use_tma(blocks, q4, k4, v4, o4),
+        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, TMA=use_tma(blocks, q4, k4, v4, o4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
@@ -227,16 +228,23 @@ def alibi_batch_stride(alibi_slopes) -> int:
     return alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
 
 
-def check_offsets(seqlen: int, **tensors) -> None:
-    """Kernels address batch entries, heads and sequence starts with 64-bit offsets but rows and
-    columns inside one sequence with 32-bit ones; refuse what those cannot reach."""
+MAX_TILE_ROWS = 256  # no config's BLOCK_M or BLOCK_N is larger
+
+
+def check_offsets(seqlen: int, **tensors) -> bool:
+    """Whether one sequence of these tensors spans 2**31 elements or more (the kernels' WIDE
+    switch: tile starts in 64 bits). Batch entries and heads are always 64-bit offsets, offsets
+    inside one tile always 32-bit: refuse strides those cannot reach."""
+    wide = False
     for name, x in tensors.items():  # (batch, rows, heads, dim)
-        extent = seqlen * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3))
+        wide |= seqlen * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3)) >= 2**31
+        extent = min(seqlen, MAX_TILE_ROWS) * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3))
         if extent >= 2**31:
             raise ValueError(
-                f"{name}: a sequence of {seqlen} rows with row stride {x.stride(1)} spans {extent} elements, "
-                "more than 32-bit offsets inside one sequence reach; split the sequence (e.g. ring attention)"
+                f"{name}: row stride {x.stride(1)} and dim stride {x.stride(3)} make one {MAX_TILE_ROWS}-row tile span "
+                f"{extent} elements, more than 32-bit offsets inside a tile reach; pass a contiguous tensor"
             )
+    return wide
 
 
 def strides(x, varlen: bool):

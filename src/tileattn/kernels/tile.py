@@ -183,6 +183,18 @@ def rows_desc(base, rows, head_dim, stride_row, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def row_ptrs(base, start, offs, stride, WIDE: tl.constexpr):
+    """Pointers to rows start + offs. WIDE (a sequence's offsets pass 2**31 elements: 1M tokens
+    of 16 heads x 128) folds the tile's first row into the base in 64 bits, offsets inside the
+    tile stay 32-bit; off, all 32-bit, which ptxas fits in fewer registers."""
+    if WIDE:
+        ptrs = (base + tl.cast(start, tl.int64) * stride) + offs * stride
+    else:
+        ptrs = base + (start + offs) * stride
+    return ptrs
+
+
+@triton.jit
 def load_rows(rows, offs_d, offs_d2, mask_r, mask_d, mask_d2, stride_d, CHECK_ROWS: tl.constexpr,
               EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr):
     """A [R, D] tile from row pointers rows [R, 1] (mask_r marks the rows that exist), and with

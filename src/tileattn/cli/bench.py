@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
     p.add_argument("--ring", action="store_true",
                    help="ring attention over all visible GPUs vs one GPU (causal fwd+bwd, 32k-128k tokens)")
+    p.add_argument("--ring-seqlens", type=int, nargs="+", default=[32768, 65536, 131072],
+                   help="total sequence lengths for --ring on GPUs (a run over 2 s is timed once, not averaged)")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
 
 
@@ -467,7 +469,10 @@ def run(args) -> int:
     ring_rows = []
     if args.ring:
         log("== ring attention")
-        ring_rows = ring_bench(log) if gpu else ring_bench(log, seqlens=(256,), head_dim=32, reps=1)
+        if gpu:
+            ring_rows = ring_bench(log, seqlens=sorted(args.ring_seqlens))
+        else:  # gloo on two CPU processes: a toy size
+            ring_rows = ring_bench(log, seqlens=(256,), head_dim=32, reps=1)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
                         ring_rows)
     log("\n" + text)

@@ -97,3 +97,27 @@ def test_cuda_graph_decode_gives_the_same_tokens(name):
     graphed = generate(ours, ids, attention_mask=mask, max_new_tokens=12, cuda_graph=True)
     want = eager.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(graphed, plain) and torch.equal(graphed, want)
+
+
+@pytest.mark.parametrize("name", ["phi", "gemma2"])
+def test_compiled_decode_step_gives_the_same_tokens_without_recompiling(name):
+    from torch._dynamo.utils import counters
+
+    ours, eager = _models(name)
+    ids, mask = _prompts()
+    want = eager.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, compile=True)
+    assert torch.equal(got, want)
+    # one graph for the whole step (no breaks in the attention path), reused for another prompt
+    # length (the cache length is dynamic) and for another call with new cache and context objects
+    longer = torch.randint(1, 96, (3, 17), device=DEVICE)
+    got_longer = generate(ours, longer, max_new_tokens=5, compile=True)
+    want_longer = eager.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=0)
+    assert torch.equal(got_longer, want_longer)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    if DEVICE == "cuda":
+        graphed = generate(ours, ids, attention_mask=mask, max_new_tokens=12, compile=True, cuda_graph=True)
+        assert torch.equal(graphed, want)

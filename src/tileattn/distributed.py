@@ -20,12 +20,12 @@ no token attends across a document boundary and no work is spent between documen
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 import torch.distributed as dist
 
 from . import ops
+from .scoped import ScopedValue
 from .validation import check_qkv, resolve_scale
 
 _LAYOUTS = ("contiguous", "zigzag")
@@ -269,7 +269,7 @@ def _document_bounds(cu_seqlens, total: int) -> list[int]:
     return bounds
 
 
-_CONTEXT = contextvars.ContextVar("tileattn_context_parallel", default=None)
+_CONTEXT = ScopedValue("tileattn_context_parallel")
 
 
 @contextlib.contextmanager
@@ -286,11 +286,8 @@ def context_parallel(group: dist.ProcessGroup | None = None, layout: str = "zigz
     parameter gradients of a loss summed over ranks are the all-reduced sums.
     """
     _check_layout(layout)
-    token = _CONTEXT.set((group, layout))
-    try:
+    with _CONTEXT.bind((group, layout)):
         yield
-    finally:
-        _CONTEXT.reset(token)
 
 
 def current_context():

@@ -15,15 +15,15 @@ reads, and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from .scoped import ScopedValue
+
 # Set during decode steps: (seqlens_k (B,) int32, cache_leftpad (B,) int32) on the model's device.
-_DECODE = contextvars.ContextVar("tileattn_decode", default=None)
+_DECODE = ScopedValue("tileattn_decode")
 
 
 @dataclass
@@ -38,13 +38,8 @@ def decode_context() -> DecodeContext | None:
     return _DECODE.get()
 
 
-@contextlib.contextmanager
 def _decoding(ctx: DecodeContext):
-    token = _DECODE.set(ctx)
-    try:
-        yield
-    finally:
-        _DECODE.reset(token)
+    return _DECODE.bind(ctx)
 
 
 def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -103,12 +98,37 @@ def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return leftpad.to(torch.int32)
 
 
-class _Step:
-    """One decode step on static buffers: eager, or captured once in a CUDA graph and replayed."""
+def _decode_call(model, model_kwargs: dict, tokens, cache_position, position_ids):
+    out = model(input_ids=tokens, cache_position=cache_position, position_ids=position_ids, **model_kwargs)
+    return out.logits[:, -1]
 
-    def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool):
+
+_compiled_decode_call = None
+
+
+def _compiled_call():
+    """One torch.compile of the decode step for every model and call: dynamo guards on the
+    model's structure and the tensors' shapes, not on which cache or context object it gets."""
+    global _compiled_decode_call
+    if _compiled_decode_call is None:
+        _compiled_decode_call = torch.compile(_decode_call, dynamic=False)
+    return _compiled_decode_call
+
+
+class _Step:
+    """One decode step on static buffers: eager or compiled (torch.compile fuses the model's
+    small elementwise kernels: rotary, activations, norms, residuals), run as is or captured once
+    in a CUDA graph and replayed."""
+
+    def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool, compile: bool):
         device = leftpad.device
         self.model, self.model_kwargs = model, _model_kwargs(model, cache)
+        self.call = _decode_call
+        if compile:
+            self.call = _compiled_call()
+            for layer in cache.layers:  # one compiled step for every cache length
+                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -119,9 +139,7 @@ class _Step:
 
     def _forward(self):
         with _decoding(self.ctx):
-            out = self.model(input_ids=self.tokens, cache_position=self.cache_position, position_ids=self.position_ids,
-                             **self.model_kwargs)
-        return out.logits[:, -1]
+            return self.call(self.model, self.model_kwargs, self.tokens, self.cache_position, self.position_ids)
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits (B, vocab) after writing tokens (B,) into cache slot ``slot``."""
@@ -146,7 +164,7 @@ class _Step:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             cuda_graph: bool = False, on_token=None) -> torch.Tensor:
+             cuda_graph: bool = False, compile: bool = False, on_token=None) -> torch.Tensor:
     """Generate with a static cache and the KV-cache kernel; returns (B, prompt + new) token ids.
 
     Args:
@@ -160,6 +178,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             draws reproducible.
         cuda_graph: capture one decode step in a CUDA graph and replay it per token (CUDA
             only; the first step runs eagerly and warms up the kernels).
+        compile: run decode steps through torch.compile (the first call per batch size compiles,
+            tens of seconds for a 2.7B model; later calls and other lengths reuse it). Combines
+            with cuda_graph, which then captures the compiled step.
         on_token: optional callback receiving each step's tokens (B,) as they are chosen.
 
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
@@ -192,7 +213,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     else:
         out = model(attention_mask=attention_mask, **prefill)
     logits = out.logits[:, -1]
-    step = _Step(model, cache, batch, leftpad, cuda_graph)
+    step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
     for t in range(max_new_tokens):

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "path (static cache + KV-cache kernel)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="fast path on CUDA: capture one decode step in a CUDA graph and replay it per token")
+    p.add_argument("--compile", action="store_true",
+                   help="fast path: run the decode step through torch.compile (fewer, fused kernels; the first "
+                        "call compiles for a while)")
 
 
 def embedded_model() -> Path:
@@ -201,7 +204,8 @@ def _result(attn: str, input_ids, new: list[int], start: float, times: list[floa
 
 
 def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=None, pad_token_id=None,
-                        tokenizer=None, stream: bool = False, cuda_graph: bool = False) -> Result:
+                        tokenizer=None, stream: bool = False, cuda_graph: bool = False,
+                        compile: bool = False) -> Result:
     """Greedy generation through tileattn.generation (static cache, KV-cache kernel), timed as
     timed_generate times transformers' generate."""
     from ..generation import generate as fast_generate
@@ -226,7 +230,7 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     _sync(device)
     start = time.perf_counter()
     out = fast_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, cuda_graph=cuda_graph, on_token=on_token)
+                        pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile, on_token=on_token)
     _sync(device)
     if times:  # the last step ends when the device is done, not when it was queued
         times[-1] = time.perf_counter()
@@ -236,18 +240,20 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     if eos_token_id is not None:  # as generate returns them: up to and including the first eos
         eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         new = new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
-    return _result("tileattn-fast" + ("+graph" if cuda_graph else ""), input_ids, new, start, times, device, tokenizer)
+    label = "tileattn-fast" + ("+graph" if cuda_graph else "") + ("+compile" if compile else "")
+    return _result(label, input_ids, new, start, times, device, tokenizer)
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool, fast: bool = False,
-             cuda_graph: bool = False) -> Result:
+             cuda_graph: bool = False, compile: bool = False) -> Result:
     """The seed's call: greedy, eos as the tokenizer's, pad = eos, only the new tokens decoded."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     kwargs = dict(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
                   stream=stream)
     if fast:
         with torch.inference_mode():
-            return timed_fast_generate(model, input_ids, max_new_tokens, device, cuda_graph=cuda_graph, **kwargs)
+            return timed_fast_generate(model, input_ids, max_new_tokens, device, cuda_graph=cuda_graph,
+                                       compile=compile, **kwargs)
     return timed_generate(model, input_ids, max_new_tokens, device, **kwargs)
 
 
@@ -290,7 +296,7 @@ def run(args) -> int:
     if not args.compare:
         fast = args.attn == "tileattn" and not args.hf_generate
         result = generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=not args.no_stream, fast=fast,
-                          cuda_graph=args.cuda_graph)
+                          cuda_graph=args.cuda_graph, compile=args.compile)
         if args.no_stream:
             print(result.text)
         print(_summary(result), file=sys.stderr)
@@ -299,10 +305,11 @@ def run(args) -> int:
     runs = [("tileattn", True), ("tileattn", False), ("sdpa", False), ("eager", False)]
     for attn, fast in runs:
         model.set_attn_implementation(attn)
-        graph = fast and args.cuda_graph
-        generate(model, tokenizer, prompt, 2, device, stream=False, fast=fast, cuda_graph=graph)  # warm-up
+        graph, compiled = fast and args.cuda_graph, fast and args.compile
+        generate(model, tokenizer, prompt, 2, device, stream=False, fast=fast, cuda_graph=graph,
+                 compile=compiled)  # warm-up
         results.append(generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=False, fast=fast,
-                                cuda_graph=graph))
+                                cuda_graph=graph, compile=compiled))
         print(f"# {_summary(results[-1])}", file=sys.stderr)
     print(results[0].text)
     print(compare_table(results))

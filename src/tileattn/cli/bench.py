@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths for --generation")
     p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
+    p.add_argument("--compile-step", action="store_true",
+                   help="--generation on CUDA: also the fast path with its decode step through torch.compile")
+    p.add_argument("--generation-attns", nargs="*", default=["tileattn", "sdpa", "eager"],
+                   help="attentions timed through transformers' generate for --generation")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
     p.add_argument("--ring", action="store_true",
@@ -265,9 +269,11 @@ def phi2_config():
     )
 
 
-def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1) -> list[tuple]:
+def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, compile_step: bool = False,
+                     attns=("tileattn", "sdpa", "eager")) -> list[tuple]:
     """Prefill and decode speed and peak memory: transformers' generate under each attention, and
-    tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA)."""
+    tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA, and
+    with compile_step also through torch.compile)."""
     import transformers
 
     from .generate import timed_fast_generate, timed_generate
@@ -278,12 +284,14 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1) ->
     runs = [("tileattn-fast", "tileattn", dict(fast=True, cuda_graph=False))]
     if device.type == "cuda":
         runs.append(("tileattn-fast+graph", "tileattn", dict(fast=True, cuda_graph=True)))
-    runs += [(attn, attn, dict(fast=False)) for attn in ("tileattn", "sdpa", "eager")]
+        if compile_step:
+            runs.append(("tileattn-fast+graph+compile", "tileattn", dict(fast=True, cuda_graph=True, compile=True)))
+    runs += [(attn, attn, dict(fast=False)) for attn in attns]
 
-    def run(ids, tokens, fast=False, cuda_graph=False):
+    def run(ids, tokens, fast=False, cuda_graph=False, compile=False):
         if fast:
             with torch.inference_mode():
-                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph)
+                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph, compile=compile)
         return timed_generate(model, ids, tokens, device)
 
     rows = []
@@ -295,8 +303,11 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1) ->
             try:
                 # first call at a length pays for kernel selection (tileattn's autotuning, cuDNN plans)
                 run(ids, 3, **options)
+                # one prefill is tens of ms, where the host's jitter shows (the same forward read 36 and
+                # 44 ms in one run): the median of five time-to-first-token runs
+                prefill_s = statistics.median(run(ids, 1, **options).prefill_s for _ in range(5))
                 r = run(ids, new_tokens, **options)
-                row = (n, label, batch * n / r.prefill_s, batch * r.decode_tok_s, r.peak_mib / 1024)
+                row = (n, label, batch * n / prefill_s, batch * r.decode_tok_s, r.peak_mib / 1024)
             except torch.OutOfMemoryError:
                 row = (n, label, None, None, None)
             if device.type == "cuda":
@@ -461,7 +472,8 @@ def run(args) -> int:
     generation_rows = []
     if args.generation:
         log(f"== generation, Phi-2 architecture, random weights, batch {args.batch}")
-        generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch)
+        generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch,
+                                           args.compile_step, args.generation_attns)
     decode_rows = []
     if args.decode and gpu:
         log("== KV-cache decode bandwidth")

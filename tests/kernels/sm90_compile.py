@@ -93,7 +93,7 @@ def cases():
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
     for label, blocks, paged in (("paged d128", d128, True), ("paged d80 split", d80, True), ("dense d128", d128, False)):
         flags = _variants(**decode_flags, **blocks, PAGED=paged)
-        for key in ("DROPOUT", "VARLEN", "WIDE"):
+        for key in ("DROPOUT", "VARLEN"):
             flags.pop(key)
         yield f"decode {label}", "decode._decode_kernel", dec, flags, None
 

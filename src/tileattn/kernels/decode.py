@@ -33,8 +33,9 @@ def _rows64(rows, WIDE: tl.constexpr):
 
 @triton.jit
 def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr):
-    """(page, row in page) of cache positions pos; a dense cache is one page (WIDE: whose
-    offsets pass 2**31 elements, so its rows are 64-bit)."""
+    """(page, row in page) of cache positions pos; a dense cache is one page. WIDE: the cache
+    (a paged one as a whole) spans 2**31 elements or more, so offsets are 64-bit; otherwise
+    they stay 32-bit, and gathered rows cost a 32-bit offset each, not a 64-bit pointer."""
     if PAGED:
         if MASKED:
             page = tl.load(BlockTableRow + pos // page_size, mask=valid, other=0)
@@ -43,8 +44,8 @@ def _cache_rows(BlockTableRow, pos, valid, page_size, PAGED: tl.constexpr, MASKE
         row = pos % page_size
     else:
         page = pos * 0
-        row = _rows64(pos, WIDE)
-    return page.to(tl.int64), row
+        row = pos
+    return _rows64(page, WIDE), _rows64(row, WIDE)
 
 
 @triton.jit
@@ -263,8 +264,9 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     else:
         out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
     precision = dot_precision(q.dtype)
-    # a page's rows, or a dense cache's, are addressed from the page's start
-    wide = check_offsets(page_size, k_cache=k_cache, v_cache=v_cache) | check_offsets(seqlen_q, q=q, out=out)
+    # a dense cache's rows are addressed from its batch entry, a paged cache's from its start
+    wide = check_offsets(seqlen_q, q=q, out=out) | check_offsets(page_size, k_cache=k_cache, v_cache=v_cache)
+    wide |= paged and max(k_cache.shape[0] * abs(k_cache.stride(0)), v_cache.shape[0] * abs(v_cache.stride(0))) >= 2**31
     dummy = seqlens_k  # unused pointer arguments
     _decode[(m_tiles, batch * heads_kv, num_splits)](
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,

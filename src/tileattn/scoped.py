@@ -4,7 +4,7 @@ torch.compile (dynamo) cannot trace ``ContextVar.get`` and breaks the graph ther
 decode context and context parallel's process group are read inside every attention call, so
 each read would split a compiled decode step into pieces. Outside compilation reads go through
 a ContextVar (right per thread and per task); while compiling they see a plain mirror of the
-innermost binding, which is the binding of the thread doing the tracing.
+process's most recent binding, so compile from one thread at a time.
 """
 
 from __future__ import annotations

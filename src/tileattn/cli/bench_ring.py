@@ -123,7 +123,10 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, seqlens: list[
 
             # the runs above compiled (kernels specialize on sequence length); time warm runs, several
             # when they are short
-            ring_ms, one_ms = _timed_once(ring_step, device), None
+            # every rank must take the same branch: the ring step is collective
+            ring_ms, one_ms = torch.tensor(_timed_once(ring_step, device), device=device), None
+            dist.all_reduce(ring_ms, op=dist.ReduceOp.MAX)
+            ring_ms = ring_ms.item()
             if ring_ms < 2000:
                 ring_ms = _step_ms(ring_step, reps, device, dist.barrier)
             dist.barrier()

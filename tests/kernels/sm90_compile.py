@@ -52,6 +52,9 @@ def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | No
     block_m, block_n, warps, stages = config
     constexprs = dict(flags, BLOCK_N=block_n, **({} if block_m is None else {"BLOCK_M": block_m}))
     constexprs.update(specialized or {})  # integers Triton specializes (e.g. a length of 1)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    if missing:  # Triton would compile them as None, i.e. off, without a word
+        raise ValueError(f"{kernel}: no value for constexpr {missing}")
     src = ASTSource(fn, _signature(fn, constexprs, specialized or {}), constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .generate import _sync
+
 HEADS, HEAD_DIM = 16, 128
 _NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -29,11 +31,6 @@ def _step_ms(fn, reps: int, device, barrier=None) -> float:
         fn()
     _sync(device)
     return (time.perf_counter() - start) / reps * 1e3
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed_once(fn, device) -> float:

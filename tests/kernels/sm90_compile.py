@@ -94,7 +94,8 @@ def cases():
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(CAUSAL=False, **d128), dict(
         seqlen_q=1, seqlen_k=1)
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
-    for label, blocks, paged in (("paged d128", d128, True), ("paged d80 split", d80, True), ("dense d128", d128, False)):
+    decode_cases = (("paged d128", d128, True), ("paged d80 split", d80, True), ("dense d128", d128, False))
+    for label, blocks, paged in decode_cases:
         flags = _variants(**decode_flags, **blocks, PAGED=paged)
         for key in ("DROPOUT", "VARLEN"):
             flags.pop(key)

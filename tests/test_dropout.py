@@ -94,3 +94,19 @@ def test_varlen_dropout_uses_dense_bits_per_sequence(backend):
     packed = flash_attn_varlen_func(*(x.reshape(60, 2, 16) for x in (q, k, v)), cu, cu, 30, 30, dropout_p=p,
                                     causal=True)
     torch.testing.assert_close(packed.view(2, 30, 2, 16), dense, atol=1e-6, rtol=0)
+
+
+def test_fresh_seeds_do_not_compile_new_kernel_variants():
+    """Triton specializes int arguments (divisibility by 16), so a random seed and offset per
+    call compiled up to four variants of each kernel, at random steps (a timed dropout forward
+    read 2.5 s on an H100): they are excluded from specialization."""
+    from importlib import import_module
+
+    forward, backward = (import_module(f"tileattn.kernels.{name}") for name in ("forward", "backward"))
+    kernels = [forward._fwd_kernel, backward._bwd_dkdv_kernel, backward._bwd_dq_kernel]
+    for kernel in kernels:
+        if hasattr(kernel, "params"):  # a JITFunction
+            unspecialized = {p.name for p in kernel.params if p.do_not_specialize}
+        else:  # under TRITON_INTERPRET, the jit's arguments as given
+            unspecialized = set(kernel.kwargs.get("do_not_specialize", ()))
+        assert {"seed", "philox_offset"} <= unspecialized

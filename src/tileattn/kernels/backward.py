@@ -112,7 +112,8 @@ def _dkdv_tile(
     return dk, dk2, dv, dv2
 
 
-@triton.jit
+# a fresh random seed per call must not compile a new variant (Triton specializes ints)
+@triton.jit(do_not_specialize=["seed", "philox_offset"])
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -257,7 +258,8 @@ def _dq_tile(
     return dq, dq2
 
 
-@triton.jit
+# a fresh random seed per call must not compile a new variant (Triton specializes ints)
+@triton.jit(do_not_specialize=["seed", "philox_offset"])
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, CuSeqQ, CuSeqK, Alibi,
     stride_qb, stride_qm, stride_qh, stride_qd,

@@ -51,7 +51,8 @@ def _fwd_tile(
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
 
 
-@triton.jit
+# a fresh random seed per call must not compile a new variant (Triton specializes ints)
+@triton.jit(do_not_specialize=["seed", "philox_offset"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, Sinks,
     stride_qb, stride_qm, stride_qh, stride_qd,

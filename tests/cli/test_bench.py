@@ -40,3 +40,10 @@ def test_ring_bench_runs_on_two_cpu_processes(tmp_path, capsys):
     report = (tmp_path / "bench.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| 256 | 2 |"))
     assert float(row.split("|")[-2]) < 1e-4  # ring and one process agree (fp32)
+
+
+def test_variants_bench_reports_every_variant(tmp_path):
+    assert main(["bench", "--no-speed", "--variants", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "bench.md").read_text()
+    for name in ("causal, window (31, 0)", "softcap 30", "ALiBi", "window covering everything", "sinks", "dropout 0.1"):
+        assert f"| {name}" in report, name

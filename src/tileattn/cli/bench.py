@@ -21,6 +21,7 @@ from ..api import flash_attn_func
 from ..testing import check_attention
 from .bench_decode import decode_bench, decode_table
 from .bench_ring import ring_bench, ring_table
+from .bench_variants import variants_bench, variants_table
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attentions timed through transformers' generate for --generation")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
+    p.add_argument("--variants", action="store_true",
+                   help="cost of sliding window, softcap, ALiBi, sinks and dropout against plain causal attention")
     p.add_argument("--ring", action="store_true",
                    help="ring attention over all visible GPUs vs one GPU (causal fwd+bwd, 32k-128k tokens)")
     p.add_argument("--ring-seqlens", type=int, nargs="+", default=[32768, 65536, 131072],
@@ -341,7 +344,7 @@ def large_batch_check(device, log) -> bool:
 
 
 def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=(),
-                 ring_rows=()) -> str:
+                 ring_rows=(), variant_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -376,6 +379,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines += decode_table(decode_rows)
     if ring_rows:
         lines += ring_table(ring_rows)
+    if variant_rows:
+        lines += variants_table(variant_rows)
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)
@@ -485,8 +490,12 @@ def run(args) -> int:
             ring_rows = ring_bench(log, seqlens=sorted(args.ring_seqlens))
         else:  # gloo on two CPU processes: a toy size
             ring_rows = ring_bench(log, seqlens=(256,), head_dim=32, reps=1)
+    variant_rows = ()
+    if args.variants:
+        log("== attention variants against plain causal attention")
+        variant_rows = variants_bench(device, log, _bench)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
-                        ring_rows)
+                        ring_rows, variant_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

@@ -1,0 +1,78 @@
+"""`tileattn bench --variants`: what each attention variant costs against plain causal attention.
+
+Two tables, forward and backward milliseconds of tileattn alone (no other backend has every
+variant): a sliding window against full causal attention on a long sequence (tiles outside the
+window are skipped, so the ratio should approach the window's share of the causal triangle),
+and each variant's overhead against the plain kernel at one mid-size shape. The backward is
+timed as forward + backward minus the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..api import flash_attn_func
+
+# (batch, seqlen, heads, head_dim) on the GPU; the CPU runs a toy size so the command is tested
+WINDOW_SHAPE, OVERHEAD_SHAPE, TOY_SHAPE = (1, 32768, 16, 128), (2, 8192, 16, 128), (1, 256, 2, 32)
+WINDOW = 4096
+
+
+def _variants(heads: int, device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "softcap 30": dict(softcap=30.0),
+        "ALiBi slopes (heads,)": dict(alibi_slopes=(torch.rand(heads, generator=gen) * 0.1).to(device)),
+        "window covering everything": dict(window_size=(1 << 30, 0)),
+        "sinks (heads,)": dict(learnable_sink=torch.randn(heads, generator=gen).to(device)),
+        "dropout 0.1": dict(dropout_p=0.1),
+    }
+
+
+def _fwd_bwd_ms(timer, device, dtype, shape, **variant) -> tuple[float, float]:
+    batch, seqlen, heads, head_dim = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(batch, seqlen, heads, head_dim, generator=gen).to(device, dtype)
+    with torch.no_grad():
+        fwd = timer(lambda: flash_attn_func(q, k, v, causal=True, **variant), device)
+    both = timer(lambda: torch.autograd.grad(flash_attn_func(q, k, v, causal=True, **variant), (q, k, v), dout),
+                 device)
+    return fwd, max(both - fwd, 0.0)
+
+
+def variants_bench(device, log, timer) -> tuple[list, list]:
+    """(window_rows, overhead_rows): rows (name, fwd ms, bwd ms); timer(fn, device) -> ms."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    window_shape, overhead_shape = (WINDOW_SHAPE, OVERHEAD_SHAPE) if gpu else (TOY_SHAPE, TOY_SHAPE)
+    window = WINDOW if gpu else 32
+    window_rows = []
+    for name, variant in (("causal", {}), (f"causal, window ({window - 1}, 0)", dict(window_size=(window - 1, 0)))):
+        window_rows.append((name, *_fwd_bwd_ms(timer, device, dtype, window_shape, **variant)))
+        log(f"   {window_shape} {name}: {window_rows[-1][1]:.3f} / {window_rows[-1][2]:.3f} ms")
+    overhead_rows = [("plain causal", *_fwd_bwd_ms(timer, device, dtype, overhead_shape))]
+    for name, variant in _variants(overhead_shape[2], device).items():
+        overhead_rows.append((name, *_fwd_bwd_ms(timer, device, dtype, overhead_shape, **variant)))
+        log(f"   {overhead_shape} {name}: {overhead_rows[-1][1]:.3f} / {overhead_rows[-1][2]:.3f} ms")
+    return [(window_shape, window, window_rows), (overhead_shape, overhead_rows)]
+
+
+def variants_table(result) -> list[str]:
+    (window_shape, window, window_rows), (overhead_shape, overhead_rows) = result
+    seqlen = window_shape[1]
+    # share of the causal triangle's (query, key) pairs a window of `window` keys keeps
+    ideal = (window * seqlen - window * (window - 1) / 2) / (seqlen * (seqlen + 1) / 2)
+    (_, full_f, full_b), (name, win_f, win_b) = window_rows
+    lines = [f"Sliding window, batch x seqlen x heads x head dim = {' x '.join(map(str, window_shape))}, causal "
+             "(forward / backward ms):", "",
+             "| attention | fwd ms | bwd ms | vs full causal fwd, bwd | ideal |", "|---|---|---|---|---|",
+             f"| causal | {full_f:.3f} | {full_b:.3f} | | |",
+             f"| {name} | {win_f:.3f} | {win_b:.3f} | {win_f / full_f:.3f}, {win_b / full_b:.3f} | {ideal:.3f} |", "",
+             f"Overhead against plain causal attention, {' x '.join(map(str, overhead_shape))}:", "",
+             "| variant | fwd ms | bwd ms | fwd ratio | bwd ratio |", "|---|---|---|---|---|"]
+    (_, plain_f, plain_b), *rest = overhead_rows
+    lines.append(f"| plain causal | {plain_f:.3f} | {plain_b:.3f} | 1 | 1 |")
+    lines += [f"| {n} | {f:.3f} | {b:.3f} | {f / plain_f:.2f} | {b / plain_b:.2f} |" for n, f, b in rest]
+    return lines + [""]

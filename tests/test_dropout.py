@@ -7,31 +7,37 @@ import triton
 import triton.language as tl
 
 from tileattn import flash_attn_func, flash_attn_varlen_func
-from tileattn.dropout import dropout_mask, philox_uniform
+from tileattn.dropout import dropout_mask, keep_mask, philox
+from tileattn.kernels.tile import dropout_keep
 
 from .helpers import DEVICE, make_qkv
 
 
 def test_philox_known_answers():
-    """Random123's Philox-4x32-10 test vectors (first output word)."""
-    assert philox_uniform(0, 0, 0, 0, 0).item() == (0x6627E8D5 >> 8) * 2.0**-24
-    assert philox_uniform(0xFFFFFFFFFFFFFFFF, *[0xFFFFFFFF] * 4).item() == (0x408F276D >> 8) * 2.0**-24
+    """Random123's Philox-4x32-10 test vectors (tests/kat_vectors), all four output words."""
+    cases = [((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, 0xFFFFFFFFFFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0A4093822,
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, seed, expected in cases:
+        assert tuple(int(w) for w in philox(seed, *counter)) == expected
 
 
 @triton.jit
-def _uniform_kernel(Out, seed, offset, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _keep_kernel(Out, seed, offset, bh, p, first_col, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    r, _, _, _ = tl.philox(seed, cols[None, :] + rows[:, None] * 0, rows[:, None] + cols[None, :] * 0,
-                           rows[:, None] * 0 + bh, rows[:, None] * 0 + offset)
-    tl.store(Out + rows[:, None] * COLS + cols[None, :], (r >> 8).to(tl.float32) * (1.0 / 16777216.0))
+    keep = dropout_keep(seed, offset, bh, rows, first_col, p, 2.0, COLS)
+    tl.store(Out + rows[:, None] * COLS + tl.arange(0, COLS)[None, :], keep)
 
 
-def test_torch_bits_match_triton_philox():
+def test_kernel_bits_match_the_torch_definition():
+    """The kernels' tile of keep factors (four keys per Philox call, interleaved) is the mask
+    tileattn.dropout defines, at a tile that does not start at key 0."""
     out = torch.empty(16, 32, device=DEVICE)
-    _uniform_kernel[(1,)](out, 987654321, 11, 5, ROWS=16, COLS=32)
-    ref = philox_uniform(987654321, torch.arange(32)[None, :], torch.arange(16)[:, None], 5, 11)
-    assert torch.equal(out.cpu(), ref)
+    _keep_kernel[(1,)](out, 987654321, 11, 5, 0.3, 64, ROWS=16, COLS=32)
+    ref = keep_mask(0.3, 987654321, 11, 5, torch.arange(16)[:, None], torch.arange(64, 96)[None, :])
+    assert torch.equal(out.cpu(), ref.float() * 2.0)
+    assert 0.5 < ref.float().mean() < 0.9
 
 
 def _reference(q, k, v, keep, p, causal, dout):

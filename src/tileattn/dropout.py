@@ -1,10 +1,11 @@
 """Attention dropout's random bits, defined once for both backends and the tests.
 
 Element (batch b, head h, query i, key j) is kept iff u >= dropout_p, where u is the top 24
-bits of Philox-4x32-10 (Triton's ``tl.philox``) with key ``seed`` and counter
-(j, i, b * heads + h, offset), scaled to [0, 1). The kernels regenerate the bits in the
-backward instead of storing a mask; this module computes the same bits in PyTorch for the
-CPU backend and for ``return_attn_probs``.
+bits of output word j % 4 of Philox-4x32-10 (Triton's ``tl.philox``) with key ``seed`` and
+counter (j // 4, i, b * heads + h, offset), scaled to [0, 1): one Philox evaluation (ten rounds
+of 32-bit multiplies) serves four neighbouring keys. The kernels regenerate the bits in the
+backward instead of storing a mask; this module computes the same bits in PyTorch for the CPU
+backend and for ``return_attn_probs``.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low_full & _MASK32
 
 
-def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
-    """Uniform [0, 1) floats from the first Philox-4x32-10 output, as tileattn's kernels draw
-    them; counters are int tensors (broadcast together) or ints."""
+def philox(seed: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox-4x32-10 (uint32 values in int64) for key ``seed`` (its
+    low and high 32 bits) and counters c0..c3: int tensors (broadcast together) or ints."""
     device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
     counters = (torch.as_tensor(c, dtype=torch.int64, device=device) & _MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(*counters)
@@ -44,12 +45,22 @@ def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return (c0 >> 8).to(torch.float32) * 2.0**-24
+    return c0, c1, c2, c3
+
+
+def uniform(word: torch.Tensor) -> torch.Tensor:
+    """A Philox word's top 24 bits as a float32 in [0, 1), as the kernels compute it."""
+    return (word >> 8).to(torch.float32) * 2.0**-24
 
 
 def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, cols) -> torch.Tensor:
     """True where the attention probability (batch*heads + head, query row, key col) is kept."""
-    return philox_uniform(seed, cols, rows, batch_head, offset) >= dropout_p
+    cols = torch.as_tensor(cols)
+    words = philox(seed, cols // 4, rows, batch_head, offset)
+    lane = cols % 4
+    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2],
+                                                                                         words[3])))
+    return uniform(word) >= dropout_p
 
 
 def dropout_mask(dropout_p: float, seed: int, offset: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,

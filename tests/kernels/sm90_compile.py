@@ -91,6 +91,8 @@ def cases():
         SINK=False, TMA=False, WIDE=True, **d128), None
     yield "dk/dv d128, 64-bit tile starts", "backward._bwd_dkdv_kernel", dkdv, _variants(WIDE=True, **d128), None
     yield "dq d128, 64-bit tile starts", "backward._bwd_dq_kernel", dq, _variants(WIDE=True, **d128), None
+    yield "dk/dv d128 dropout", "backward._bwd_dkdv_kernel", dkdv, _variants(DROPOUT=True, **d128), None
+    yield "dq d128 dropout", "backward._bwd_dq_kernel", dq, _variants(DROPOUT=True, **d128), None
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(CAUSAL=False, **d128), dict(
         seqlen_q=1, seqlen_k=1)
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)

@@ -68,7 +68,8 @@ def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.conste
 
 @triton.jit
 def _dkdv_tile(
-    dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, offs_n, offs_d, offs_d2,
+    dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, start_n, offs_n, offs_d,
+    offs_d2,
     mask_d, mask_d2, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
     window_left, window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
@@ -94,7 +95,7 @@ def _dkdv_tile(
                          WINDOW)
     pt = tl.math.exp2(st - lse[None, :])
     if DROPOUT:  # the output saw p * keep: so do dV and the p-gradient
-        keep = dropout_keep(seed, offset, bh, rows[None, :], offs_n[:, None], dropout_p, rescale)
+        keep = tl.trans(dropout_keep(seed, offset, bh, rows, start_n, dropout_p, rescale, offs_n.shape[0]))
         pt_out = pt * keep
         dpt = dpt * keep
     else:
@@ -182,21 +183,21 @@ def _bwd_dkdv_kernel(
             dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
         for start_m in range(lo, tl.minimum(full_lo, hi), BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
-                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                           True, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
-                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                           False, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
-                                          start_m, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
+                                          start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
                                           rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
@@ -247,7 +248,7 @@ def _dq_tile(
                         WINDOW)
     p = tl.math.exp2(s - lse[:, None])
     if DROPOUT:
-        dp = dp * dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], dropout_p, rescale)
+        dp = dp * dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, rescale, offs_n.shape[0])
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - th * th)

@@ -46,8 +46,8 @@ def _fwd_tile(
                                  row_ptrs(v_src, start_n, offs_n, stride_vn, WIDE)[:, None], offs_d, offs_d2,
                                  cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
                                  SPLIT_D)
-    return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap,
-                       slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, start_n, cols, seqlen_q, seqlen_k, qk_scale,
+                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
 
 

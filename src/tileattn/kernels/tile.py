@@ -130,15 +130,23 @@ def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
-def dropout_keep(seed, offset, bh, rows, cols, dropout_p, rescale):
-    """rescale where the probability at (bh, row, col) is kept, 0 where dropped: the bits of
-    tileattn.dropout (Philox-4x32-10, counter (col, row, bh, offset), top 24 bits vs p).
-    rows and cols broadcast against each other, as in mask_scores."""
-    c0 = cols + rows * 0
-    c1 = rows + cols * 0
-    r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset)
-    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
-    return tl.where(u >= dropout_p, rescale, 0.0)
+def dropout_keep(seed, offset, bh, rows, first_col, dropout_p, rescale, BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N]: rescale where the probability at (bh, row, first_col + n) is kept, 0 where
+    dropped: the bits of tileattn.dropout (Philox-4x32-10, counter (col // 4, row, bh, offset),
+    word col % 4, top 24 bits vs p). rows [M]; first_col a multiple of 4 (tiles start at
+    multiples of BLOCK_N). One Philox call gives the words of four neighbouring columns; they
+    are compared at [M, BLOCK_N / 4] and interleaved as int8, the cheapest tile to relayout."""
+    c0 = (first_col // 4 + tl.arange(0, BLOCK_N // 4))[None, :] + rows[:, None] * 0
+    c1 = rows[:, None] + c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset)
+    threshold = dropout_p * 16777216.0  # u >= p with u = (r >> 8) / 2**24, exactly
+    k0 = ((r0 >> 8).to(tl.float32) >= threshold).to(tl.int8)
+    k1 = ((r1 >> 8).to(tl.float32) >= threshold).to(tl.int8)
+    k2 = ((r2 >> 8).to(tl.float32) >= threshold).to(tl.int8)
+    k3 = ((r3 >> 8).to(tl.float32) >= threshold).to(tl.int8)
+    kept = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [M, N / 4, 2, 2]: word 2 * i + j at [.., i, j]
+    kept = tl.reshape(kept, [rows.shape[0], BLOCK_N])
+    return tl.where(kept != 0, rescale, 0.0)
 
 
 @triton.jit
@@ -229,7 +237,7 @@ def load_kv(k_cols, v_rows, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd, s
 
 @triton.jit
 def attend_tile(
-    acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, cols, seqlen_q, seqlen_k,
+    acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, first_col, cols, seqlen_q, seqlen_k,
     qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -249,7 +257,7 @@ def attend_tile(
                         WINDOW)
     keep = 1.0
     if DROPOUT:
-        keep = dropout_keep(seed, offset, bh, q_idx[:, None], cols[None, :], dropout_p, rescale)
+        keep = dropout_keep(seed, offset, bh, q_idx, first_col, dropout_p, rescale, cols.shape[0])
     return online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION)
 
 

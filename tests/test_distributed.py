@@ -93,11 +93,13 @@ def test_document_bounds_are_checked():
     from tileattn.distributed import _document_bounds
 
     assert _document_bounds(torch.tensor([0, 3, 8], dtype=torch.int32), 8) == [0, 3, 8]
-    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32 tensor"):
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
         _document_bounds(torch.tensor([0, 8]), 8)
-    with pytest.raises(ValueError, match="whole sequence's length 8"):
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        _document_bounds(torch.tensor([[0, 8]], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match=r"whole sequence's length \(local length x world size\) 8, got 6"):
         _document_bounds(torch.tensor([0, 3, 6], dtype=torch.int32), 8)
-    with pytest.raises(ValueError, match="without decreasing"):
+    with pytest.raises(ValueError, match="never decrease"):
         _document_bounds(torch.tensor([0, 5, 3, 8], dtype=torch.int32), 8)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import ops
 from .scoped import ScopedValue
-from .validation import check_qkv, resolve_scale
+from .validation import check_cu_type, check_qkv, cu_bounds, resolve_scale
 
 _LAYOUTS = ("contiguous", "zigzag")
 
@@ -259,14 +259,8 @@ def ring_flash_attn_func(
 
 def _document_bounds(cu_seqlens, total: int) -> list[int]:
     """cu_seqlens as host ints (one read per call), checked against the whole sequence."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}"
-                        f" of shape {tuple(getattr(cu_seqlens, 'shape', ()))}")
-    bounds = cu_seqlens.tolist()
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must run from 0 to the whole sequence's length {total} (local length x "
-                         f"world size) without decreasing, got {bounds[:8]}")
-    return bounds
+    check_cu_type("cu_seqlens", cu_seqlens)
+    return cu_bounds("cu_seqlens", cu_seqlens, total, "the whole sequence's length (local length x world size)")
 
 
 _CONTEXT = ScopedValue("tileattn_context_parallel")

@@ -104,17 +104,32 @@ def _inspectable() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def check_cu_type(name: str, cu, device=None) -> None:
+    """cu: a 1-D int32 tensor of running totals (on ``device`` when given)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+    if device is not None and cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+
+
+def cu_bounds(name: str, cu: torch.Tensor, total: int, what: str = "the packed length") -> list[int]:
+    """cu's values as host ints (one read), checked: from 0, never decreasing, ending at total."""
+    values = cu.tolist()
+    if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}...")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at {what} {total}, got {values[-1]}")
+    return values
+
+
 def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q: int, total_k: int, device):
     """cu_seqlens: int32 (batch + 1,) running totals from 0 to the packed length."""
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.shape[0] < 1:
-            raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
-        if cu.device != device:
-            raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    check_cu_type("cu_seqlens_q", cu_seqlens_q, device)
+    check_cu_type("cu_seqlens_k", cu_seqlens_k, device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
@@ -129,14 +144,10 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
         ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k),
     ):
-        values = cu.tolist()
-        lengths = [b - a for a, b in zip(values, values[1:])]
-        if values[0] != 0 or any(n < 0 for n in lengths):
-            raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}...")
-        if values[-1] != total:
-            raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
-        if lengths and max(lengths) > max_len:
-            raise ValueError(f"{max_name}={max_len} is shorter than the longest sequence ({max(lengths)})")
+        values = cu_bounds(name, cu, total)
+        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        if longest > max_len:
+            raise ValueError(f"{max_name}={max_len} is shorter than the longest sequence ({longest})")
 
 
 def _check_index(name: str, x, shape: tuple[int, ...], device) -> None:

@@ -47,3 +47,4 @@ def test_variants_bench_reports_every_variant(tmp_path):
     report = (tmp_path / "bench.md").read_text()
     for name in ("causal, window (31, 0)", "softcap 30", "ALiBi", "window covering everything", "sinks", "dropout 0.1"):
         assert f"| {name}" in report, name
+    assert (tmp_path / "variants.png").stat().st_size > 1000

@@ -21,7 +21,7 @@ from ..api import flash_attn_func
 from ..testing import check_attention
 from .bench_decode import decode_bench, decode_table
 from .bench_ring import ring_bench, ring_table
-from .bench_variants import variants_bench, variants_table
+from .bench_variants import variants_bench, variants_plot, variants_table
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
@@ -381,6 +381,7 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines += ring_table(ring_rows)
     if variant_rows:
         lines += variants_table(variant_rows)
+        variants_plot(out_dir, variant_rows)
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)

@@ -9,6 +9,8 @@ timed as forward + backward minus the forward.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..api import flash_attn_func
@@ -76,3 +78,34 @@ def variants_table(result) -> list[str]:
     lines.append(f"| plain causal | {plain_f:.3f} | {plain_b:.3f} | 1 | 1 |")
     lines += [f"| {n} | {f:.3f} | {b:.3f} | {f / plain_f:.2f} | {b / plain_b:.2f} |" for n, f, b in rest]
     return lines + [""]
+
+
+def variants_plot(out_dir: str, result) -> None:
+    """variants.png: each variant's forward and backward time over plain causal attention."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    (window_shape, window, window_rows), (overhead_shape, overhead_rows) = result
+    (_, plain_f, plain_b), *rest = overhead_rows
+    (_, full_f, full_b), (window_name, win_f, win_b) = window_rows
+    names = [n for n, _, _ in rest] + [f"{window_name}\n(vs causal, {window_shape[1]} tokens)"]
+    fwd = [f / plain_f for _, f, _ in rest] + [win_f / full_f]
+    bwd = [b / plain_b for _, _, b in rest] + [win_b / full_b]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    y = range(len(names))
+    ax.barh([i - 0.2 for i in y], fwd, height=0.4, label="forward")
+    ax.barh([i + 0.2 for i in y], bwd, height=0.4, label="backward")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.axvline(1.1, color="gray", linestyle="--", linewidth=0.8, label="+10%")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time / plain causal ({' x '.join(map(str, overhead_shape))})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "variants.png"), dpi=110)
+    plt.close(fig)

@@ -53,20 +53,24 @@ def uniform(word: torch.Tensor) -> torch.Tensor:
     return (word >> 8).to(torch.float32) * 2.0**-24
 
 
-def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, cols) -> torch.Tensor:
-    """True where the attention probability (batch*heads + head, query row, key col) is kept."""
-    cols = torch.as_tensor(cols)
-    words = philox(seed, cols // 4, rows, batch_head, offset)
-    lane = cols % 4
-    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2],
-                                                                                         words[3])))
-    return uniform(word) >= dropout_p
+def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, first_col: int, num_cols: int
+              ) -> torch.Tensor:
+    """True where the attention probability (batch*heads + head, query row, key col) is kept,
+    for keys [first_col, first_col + num_cols) along a new last dim; batch_head and rows are
+    int tensors (or ints) that broadcast together. Each Philox call serves four keys here too."""
+    device = next((x.device for x in (batch_head, rows) if isinstance(x, torch.Tensor)), None)
+    first = first_col // 4
+    counters = torch.arange(first, (first_col + num_cols + 3) // 4, device=device)
+    rows, batch_head = (torch.as_tensor(x, device=device).unsqueeze(-1) for x in (rows, batch_head))
+    words = philox(seed, counters, rows, batch_head, offset)
+    word = torch.stack(words, -1).flatten(-2)  # key 4 * c + w is word w of counter c
+    start = first_col - 4 * first
+    return uniform(word[..., start : start + num_cols]) >= dropout_p
 
 
 def dropout_mask(dropout_p: float, seed: int, offset: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                  device=None) -> torch.Tensor:
     """The whole (batch, heads, seqlen_q, seqlen_k) keep mask of one dense call."""
-    bh = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1)
-    i = torch.arange(seqlen_q, device=device).view(1, 1, -1, 1)
-    j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
-    return keep_mask(dropout_p, seed, offset, bh, i, j)
+    bh = torch.arange(batch * heads, device=device).view(batch, heads, 1)
+    i = torch.arange(seqlen_q, device=device).view(1, 1, -1)
+    return keep_mask(dropout_p, seed, offset, bh, i, 0, seqlen_k)

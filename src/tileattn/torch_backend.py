@@ -66,11 +66,10 @@ def _keep(dropout, first_batch: int, batch: int, heads_kv: int, group: int, seql
     """1 / (1 - p) where kept, 0 where dropped, for keys [n0, n0 + chunk): (B, Hkv, group, Sq, chunk),
     the bits the kernels draw (tileattn.dropout)."""
     p, seed, offset = dropout
-    b = torch.arange(first_batch, first_batch + batch, device=device).view(-1, 1, 1, 1, 1)
-    h = torch.arange(heads_kv * group, device=device).view(1, heads_kv, group, 1, 1)
-    i = torch.arange(seqlen_q, device=device).view(1, 1, 1, -1, 1)
-    j = torch.arange(n0, n0 + chunk, device=device).view(1, 1, 1, 1, -1)
-    return keep_mask(p, seed, offset, b * heads_kv * group + h, i, j).float() / (1.0 - p)
+    b = torch.arange(first_batch, first_batch + batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads_kv * group, device=device).view(1, heads_kv, group, 1)
+    i = torch.arange(seqlen_q, device=device).view(1, 1, 1, -1)
+    return keep_mask(p, seed, offset, b * heads_kv * group + h, i, n0, chunk).float() / (1.0 - p)
 
 
 def _alibi(alibi_slopes, batch: int, heads_kv: int):

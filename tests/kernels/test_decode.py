@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tileattn.kernels.decode import decode
+from tileattn.kernels.decode import choose_splits, decode
 from tileattn.reference import attention_ref
 
 from ..helpers import DEVICE
@@ -33,3 +33,17 @@ def test_merged_splits_write_every_element(splits, head_dim):
         torch.testing.assert_close(results[0][0][b : b + 1].double(), ref_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(results[0][1][b : b + 1].double(), ref_lse, atol=2e-5, rtol=2e-5)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_split_counts_fill_at_most_a_wave():
+    """A dense cache's splits never exceed one program per SM, a paged cache's two (more
+    programs than that left a tail: BENCHMARKS.md), nor cut a split below 512 keys; the CPU
+    stands in for 8 SMs."""
+    sms = 8
+    for programs in (1, 2, 3, 5, 8, 20):
+        for capacity in (16, 511, 1024, 4000, 65536):
+            for paged, per_sm in ((False, 1), (True, 2)):
+                splits = choose_splits(programs, capacity, torch.device("cpu"), paged)
+                assert splits >= 1
+                if splits > 1:
+                    assert programs * splits <= per_sm * sms and capacity / (splits - 1) > 512, (programs, capacity)

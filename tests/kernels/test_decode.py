@@ -37,8 +37,8 @@ def test_merged_splits_write_every_element(splits, head_dim):
 
 def test_split_counts_fill_at_most_a_wave():
     """A dense cache's splits never exceed one program per SM, a paged cache's two (more
-    programs than that left a tail: BENCHMARKS.md), nor cut a split below 512 keys; the CPU
-    stands in for 8 SMs."""
+    programs than that left a tail: BENCHMARKS.md), nor cut a split below 192 keys (512
+    paged); the CPU stands in for 8 SMs."""
     sms = 8
     for programs in (1, 2, 3, 5, 8, 20):
         for capacity in (16, 511, 1024, 4000, 65536):
@@ -46,4 +46,8 @@ def test_split_counts_fill_at_most_a_wave():
                 splits = choose_splits(programs, capacity, torch.device("cpu"), paged)
                 assert splits >= 1
                 if splits > 1:
-                    assert programs * splits <= per_sm * sms and capacity / (splits - 1) > 512, (programs, capacity)
+                    min_keys = 512 if paged else 192
+                    assert programs * splits <= per_sm * sms, (programs, capacity)
+                    assert capacity / (splits - 1) > min_keys, (programs, capacity)
+    # a short cache still spreads over the SMs: one program, 2304 slots -> 8 splits of 288 keys
+    assert choose_splits(1, 2304, torch.device("cpu")) == sms

@@ -210,12 +210,13 @@ def _sm_count(index: int) -> int:
 
 
 def choose_splits(programs: int, capacity: int, device: torch.device, paged: bool = False) -> int:
-    """Split while the batch's programs leave SMs idle, with at least 512 keys per split. A
-    dense cache fills at most one wave (sms // programs; a few programs over a wave leave a
-    tail that cost 4% at batch 1 x 64k, and 9 splits instead of 8 cost 13% at 2 x 16k on an
-    H100); 50+ programs already stream at 2.9 TB/s, while each split adds partial-result
-    traffic and a merge. A paged cache waits on a page-table load before each K/V load, so it
-    wants up to two programs per SM (splits 32 vs 16: 2.71 vs 2.56 TB/s at 1 x 64k).
+    """Split while the batch's programs leave SMs idle. A dense cache fills at most one wave
+    (sms // programs; a few programs over a wave leave a tail that cost 4% at batch 1 x 64k, and
+    9 splits instead of 8 cost 13% at 2 x 16k on an H100) with at least 192 keys per split (1 x
+    2.3k, 8 K/V heads: 5 splits of >= 512 keys 0.77 TB/s, 12 splits 1.03, cuDNN 1.05); 50+
+    programs already stream at 2.9 TB/s, while each split adds partial-result traffic and a
+    merge. A paged cache waits on a page-table load before each K/V load, so it wants up to two
+    programs per SM (splits 32 vs 16: 2.71 vs 2.56 TB/s at 1 x 64k), with 512 keys per split.
 
     Decided from the cache capacity, not the actual lengths, so choosing never reads a device
     tensor (no host sync; CUDA-graph capturable)."""
@@ -227,7 +228,7 @@ def choose_splits(programs: int, capacity: int, device: torch.device, paged: boo
         return max(1, min(2 * sms // programs, triton.cdiv(capacity, 512), MAX_SPLITS))
     if programs * 8 >= sms * 3:
         return 1
-    return max(1, min(sms // programs, triton.cdiv(capacity, 512), MAX_SPLITS))
+    return max(1, min(sms // programs, triton.cdiv(capacity, 192), MAX_SPLITS))
 
 
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,

@@ -1,0 +1,91 @@
+"""tileattn.projections: q/k/v and gate/up as one matmul, same model otherwise."""
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import tileattn  # noqa: E402,F401  (registers "tileattn")
+from tileattn import projections  # noqa: E402
+
+from .tiny_models import CONFIGS  # noqa: E402
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="tileattn").eval()
+
+
+def _linear_nodes(model, ids, fused: bool) -> int:
+    """F.linear calls in the graph torch.compile traces (no graph breaks allowed)."""
+    counted = []
+
+    def backend(gm, example_inputs):
+        counted.append(sum(node.target is torch._C._nn.linear for node in gm.graph.nodes))
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: model(input_ids=i).logits, backend=backend, fullgraph=True)
+    with torch.no_grad(), projections.fused(model) if fused else torch.no_grad():
+        out = compiled(ids)
+    assert len(counted) == 1
+    return counted[0], out
+
+
+@pytest.mark.parametrize("name,groups_per_layer,saved_per_layer", [("llama", 2, 3), ("phi", 1, 2)])
+def test_fused_model_computes_the_same_with_fewer_matmuls(name, groups_per_layer, saved_per_layer):
+    model = _model(name)
+    ids = torch.randint(1, 96, (2, 9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    layers = model.config.num_hidden_layers
+    assert projections.fuse(model) == groups_per_layer * layers
+    assert projections.fuse(model) == groups_per_layer * layers  # again: nothing changes
+    # same Parameter objects, names and values; q/k/v now views of one buffer
+    assert dict(model.named_parameters()) == params
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+
+    with torch.no_grad(), projections.fused(model):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain, _ = _linear_nodes(model, ids, fused=False)
+    fewer, compiled = _linear_nodes(model, ids, fused=True)
+    # per layer: q, k, v -> one (and gate, up -> one)
+    assert plain - fewer == layers * saved_per_layer
+    torch.testing.assert_close(compiled, want, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_nothing_it_cannot_fuse_and_serves_other_inputs():
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = nn.Linear(8, 4), nn.Linear(8, 2), nn.Linear(8, 2, bias=False)
+    assert projections.fuse(parent) == 0  # mixed bias: left alone
+    parent.v_proj = nn.Linear(8, 2)
+    assert projections.fuse(parent) == 1
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad(), projections.fused(parent):
+        # different inputs, repeated members, any order: each call gets its own product
+        outs = [parent.k_proj(x), parent.q_proj(y), parent.q_proj(y), parent.v_proj(x), parent.k_proj(x)]
+    want = [parent.k_proj(x), parent.q_proj(y), parent.q_proj(y), parent.v_proj(x), parent.k_proj(x)]
+    for got, ref in zip(outs, want):
+        torch.testing.assert_close(got, ref)
+
+
+def test_fuses_again_after_the_model_moves():
+    model = _model("llama")
+    projections.fuse(model)
+    model.to(torch.float64)  # parameters replaced: the fused buffer is stale
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(2)
+        want = model.model.layers[0].self_attn.v_proj(torch.ones(1, 64, dtype=torch.float64))
+    with torch.no_grad(), projections.fused(model):
+        attn = model.model.layers[0].self_attn
+        x = torch.ones(1, 64, dtype=torch.float64)
+        got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)][2]
+    torch.testing.assert_close(got, want)
+    assert attn.v_proj.weight.dtype == torch.float64

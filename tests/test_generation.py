@@ -103,7 +103,7 @@ def test_cuda_graph_decode_gives_the_same_tokens(name):
 
 
 @pytest.mark.parametrize("name", ["phi", "gemma2"])
-def test_compiled_decode_step_gives_the_same_tokens_without_recompiling(name):
+def test_compiled_prefill_and_decode_give_the_same_tokens_without_recompiling(name):
     from torch._dynamo.utils import counters
 
     ours, eager = _models(name)
@@ -113,14 +113,16 @@ def test_compiled_decode_step_gives_the_same_tokens_without_recompiling(name):
     counters.clear()
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, compile=True)
     assert torch.equal(got, want)
-    # one graph for the whole step (no breaks in the attention path), reused for another prompt
-    # length (the cache length is dynamic) and for another call with new cache and context objects
-    longer = torch.randint(1, 96, (3, 17), device=DEVICE)
-    got_longer = generate(ours, longer, max_new_tokens=5, compile=True)
-    want_longer = eager.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=5, do_sample=False,
-                                 pad_token_id=0)
-    assert torch.equal(got_longer, want_longer)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # one graph for the unpadded prefill and one for the whole decode step (no breaks in the
+    # attention path), reused for another prompt length (prompt and cache lengths are dynamic)
+    # and for another call with new cache and context objects
+    for length in (17, 23):  # unpadded: the compiled prefill
+        longer = torch.randint(1, 96, (3, length), device=DEVICE)
+        got_longer = generate(ours, longer, max_new_tokens=5, compile=True)
+        want_longer = eager.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=5,
+                                     do_sample=False, pad_token_id=0)
+        assert torch.equal(got_longer, want_longer)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     if DEVICE == "cuda":
         graphed = generate(ours, ids, attention_mask=mask, max_new_tokens=12, compile=True, cuda_graph=True)
         assert torch.equal(graphed, want)

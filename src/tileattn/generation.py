@@ -15,12 +15,17 @@ reads, and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from .projections import fused
 from .scoped import ScopedValue
+
+CAPACITY_STEP = 256
 
 # Set during decode steps: (seqlens_k (B,) int32, cache_leftpad (B,) int32) on the model's device.
 _DECODE = ScopedValue("tileattn_decode")
@@ -30,7 +35,7 @@ _DECODE = ScopedValue("tileattn_decode")
 class DecodeContext:
     seqlens_k: torch.Tensor  # cache slots filled per sequence, the new token included
     cache_leftpad: torch.Tensor  # slots before each sequence's first real token
-    filled: int | None = None  # prefill of unpadded prompts: attend to the first `filled` slots
+    prefill: bool = False  # prefill of unpadded prompts into a fresh cache: attend to the first Sq slots
 
 
 def decode_context() -> DecodeContext | None:
@@ -98,21 +103,52 @@ def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return leftpad.to(torch.int32)
 
 
-def _decode_call(model, model_kwargs: dict, tokens, cache_position, position_ids):
+def _forward_call(model, model_kwargs: dict, tokens, cache_position, position_ids):
     out = model(input_ids=tokens, cache_position=cache_position, position_ids=position_ids, **model_kwargs)
     return out.logits[:, -1]
 
 
-_compiled_decode_call = None
+_compiled_calls: dict = {}
 
 
-def _compiled_call():
-    """One torch.compile of the decode step for every model and call: dynamo guards on the
-    model's structure and the tensors' shapes, not on which cache or context object it gets."""
-    global _compiled_decode_call
-    if _compiled_decode_call is None:
-        _compiled_decode_call = torch.compile(_decode_call, dynamic=False)
-    return _compiled_decode_call
+def _compiled_call(phase: str):
+    """One torch.compile per phase ("prefill", "decode") for every model and call: dynamo guards
+    on the model's structure and the tensors' shapes, not on which cache or context object it
+    gets. The prefill's prompt length and both phases' cache length are marked dynamic, so new
+    lengths reuse the graph."""
+    if phase not in _compiled_calls:
+        _compiled_calls[phase] = torch.compile(_forward_call, dynamic=False)
+    return _compiled_calls[phase]
+
+
+def _mark_cache_dynamic(cache):
+    for layer in cache.layers:
+        torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+        torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+
+
+_kv_shapes_of = weakref.WeakKeyDictionary()
+
+
+def _allocate(cache, model, batch: int):
+    """Allocate the static cache's layers before a compiled prefill, so the cache enters the
+    graph as an input (its length dynamic) instead of being created inside it with its length
+    baked in. Each layer's K/V heads, head dims and dtype come from one token run through the
+    model into a scratch dynamic cache, once per model: configs name these in too many ways."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    shapes = _kv_shapes_of.get(model)
+    if shapes is None:
+        scratch = DynamicCache()
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        model(input_ids=one, position_ids=one, cache_position=one[0], **(_model_kwargs(model, scratch)))
+        shapes = [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1], layer.keys.dtype)
+                  for layer in scratch.layers]
+        _kv_shapes_of[model] = shapes
+    for layer, (heads, k_dim, v_dim, dtype) in zip(cache.layers, shapes, strict=True):
+        layer.lazy_initialization(torch.empty(batch, heads, 0, k_dim, dtype=dtype, device=device),
+                                  torch.empty(batch, heads, 0, v_dim, dtype=dtype, device=device))
 
 
 class _Step:
@@ -123,12 +159,10 @@ class _Step:
     def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool, compile: bool):
         device = leftpad.device
         self.model, self.model_kwargs = model, _model_kwargs(model, cache)
-        self.call = _decode_call
+        self.call = _forward_call
         if compile:
-            self.call = _compiled_call()
-            for layer in cache.layers:  # one compiled step for every cache length
-                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+            self.call = _compiled_call("decode")
+            _mark_cache_dynamic(cache)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -178,9 +212,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             draws reproducible.
         cuda_graph: capture one decode step in a CUDA graph and replay it per token (CUDA
             only; the first step runs eagerly and warms up the kernels).
-        compile: run decode steps through torch.compile (the first call per batch size compiles,
-            tens of seconds for a 2.7B model; later calls and other lengths reuse it). Combines
-            with cuda_graph, which then captures the compiled step.
+        compile: run the prefill of unpadded prompts and the decode steps through torch.compile
+            (fused norms, activations, rotary and residuals; the first call per batch size
+            compiles, tens of seconds for a 2.7B model; later calls and other prompt lengths
+            reuse it). Combines with cuda_graph, which then captures the compiled step.
         on_token: optional callback receiving each step's tokens (B,) as they are chosen.
 
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
@@ -195,37 +230,51 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     leftpad = _left_padding(attention_mask)
-    cache = _static_cache(model, prompt_len + max_new_tokens)
+    # capacity in whole 256-slot steps: the kernels see one stride pattern (Triton compiles a
+    # variant per divisibility of its integer arguments: a first call at prompt + new = 2304 after
+    # one at 2051 spent 1.7 s compiling inside its first decode step, H200)
+    cache = _static_cache(model, -(-(prompt_len + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    # prefill: unpadded prompts through the dense kernel over the filled slots; left-padded ones
-    # through the padding mask (varlen kernel); positions counted per row
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    prefill = dict(input_ids=input_ids, position_ids=positions, cache_position=torch.arange(prompt_len, device=device),
-                   **_model_kwargs(model, cache))
-    if bool((leftpad == 0).all()):
-        with _decoding(DecodeContext(leftpad + prompt_len, leftpad, filled=prompt_len)):
-            out = model(**prefill)
-    else:
-        out = model(attention_mask=attention_mask, **prefill)
-    logits = out.logits[:, -1]
-    step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens = []
-    for t in range(max_new_tokens):
-        tokens = sample(logits, do_sample, temperature, top_k, top_p, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
-        new_tokens.append(tokens)
-        if on_token is not None:
-            on_token(tokens)
-        if eos.numel():
-            finished |= torch.isin(tokens, eos)
-            if bool(finished.all()):
-                break
-        if t + 1 < max_new_tokens:
-            logits = step(tokens, prompt_len + t)
+    # on the GPU, q/k/v and gate/up run as one GEMV each (tileattn.projections); the CPU has no
+    # launch cost to save and keeps eager generate's exact arithmetic
+    with fused(model) if device.type == "cuda" else contextlib.nullcontext():
+        # prefill: unpadded prompts through the dense kernel over the filled slots (compiled when
+        # asked); left-padded ones through the padding mask (varlen kernel); positions counted per row
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache_position = torch.arange(prompt_len, device=device)
+        if bool((leftpad == 0).all()):
+            call = _forward_call
+            if compile and prompt_len > 1:
+                call = _compiled_call("prefill")
+                _allocate(cache, model, batch)
+                _mark_cache_dynamic(cache)
+                for x in (input_ids, positions):
+                    torch._dynamo.maybe_mark_dynamic(x, 1)
+                torch._dynamo.maybe_mark_dynamic(cache_position, 0)
+            with _decoding(DecodeContext(leftpad + prompt_len, leftpad, prefill=True)):
+                logits = call(model, _model_kwargs(model, cache), input_ids, cache_position, positions)
+        else:
+            out = model(attention_mask=attention_mask, input_ids=input_ids, position_ids=positions,
+                        cache_position=cache_position, **_model_kwargs(model, cache))
+            logits = out.logits[:, -1]
+        step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        new_tokens = []
+        for t in range(max_new_tokens):
+            tokens = sample(logits, do_sample, temperature, top_k, top_p, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+            new_tokens.append(tokens)
+            if on_token is not None:
+                on_token(tokens)
+            if eos.numel():
+                finished |= torch.isin(tokens, eos)
+                if bool(finished.all()):
+                    break
+            if t + 1 < max_new_tokens:
+                logits = step(tokens, prompt_len + t)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
     p.add_argument("--compile-step", action="store_true",
-                   help="--generation on CUDA: also the fast path with its decode step through torch.compile")
+                   help="--generation on CUDA: also the fast path with prefill and decode step through torch.compile")
     p.add_argument("--generation-attns", nargs="*", default=["tileattn", "sdpa", "eager"],
                    help="attentions timed through transformers' generate for --generation")
     p.add_argument("--decode", action="store_true",

@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="fast path on CUDA: capture one decode step in a CUDA graph and replay it per token")
     p.add_argument("--compile", action="store_true",
-                   help="fast path: run the decode step through torch.compile (fewer, fused kernels; the first "
-                        "call compiles for a while)")
+                   help="fast path: run the prefill and the decode step through torch.compile (fewer, fused "
+                        "kernels; the first call compiles for a while)")
 
 
 def embedded_model() -> Path:

@@ -86,9 +86,9 @@ def _padded(q, k, v, mask, scale, causal, variants):
 
 def _dense(q, k, v, scale, causal, variants):
     step = decode_context()
-    if step is not None and step.filled is not None:  # tileattn.generation's prefill: the filled slots
-        k, v = k[:, : step.filled], v[:, : step.filled]
     batch, seqlen_q, heads, head_dim = q.shape
+    if step is not None and step.prefill:  # tileattn.generation's prefill: a fresh cache filled to Sq
+        k, v = k[:, :seqlen_q], v[:, :seqlen_q]
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     decoding = seqlen_k > seqlen_q and seqlen_q * (heads // heads_kv) <= DECODE_ROWS and not variants["dropout_p"]
     if decoding and not (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -6,6 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tileattn  # noqa: E402,F401  (registers "tileattn")
+from tileattn import generation, projections  # noqa: E402
 from tileattn.generation import generate, sample  # noqa: E402
 from tileattn.integrations import transformers as integration  # noqa: E402
 
@@ -69,6 +70,26 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(backend):
     assert torch.equal(a, b) and not torch.equal(a, c)
     greedy = generate(ours, ids, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(generate(ours, ids, seed=3, **(draw | dict(top_k=1))), greedy)
+
+
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+def test_decode_steps_run_fused_projections_and_the_eager_prefill_does_not(backend, monkeypatch):
+    """On the GPU generate fuses q/k/v and gate/up for the decode steps (tileattn.projections);
+    forced here on the CPU, counting the matmuls."""
+    entered = []
+    monkeypatch.setattr(generation, "_fusing", lambda model, device: entered.append(1) or projections.fused(model))
+    ours, eager = _models("llama")
+    ids, mask = _prompts()
+    ids, mask = ids[1:2], mask[1:2]  # unpadded: the dense prefill
+    want = eager.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    linear = torch.nn.functional.linear
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, want) and entered == [1]
+    layers = ours.config.num_hidden_layers
+    # prefill: q, k, v, o, gate, up, down per layer + lm_head; each of 5 steps: qkv, o, gate/up, down + lm_head
+    assert len(calls) == (7 * layers + 1) + 5 * (4 * layers + 1)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -151,6 +151,15 @@ def _allocate(cache, model, batch: int):
                                   torch.empty(batch, heads, 0, v_dim, dtype=dtype, device=device))
 
 
+def _fusing(model, device):
+    """q/k/v and gate/up as one matmul each (tileattn.projections), on the GPU, for the compiled
+    prefill and the decode steps, whose GEMVs are launch-bound. The eager prefill is not, and
+    stays as transformers runs it (with fusion it ran out of memory at batch 8 x 16k on an H100,
+    cause not isolated; unfused, the same prefill peaked at 58 GiB in an earlier run). The CPU
+    has no launch cost to save and keeps eager generate's exact arithmetic."""
+    return fused(model) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _Step:
     """One decode step on static buffers: eager or compiled (torch.compile fuses the model's
     small elementwise kernels: rotary, activations, norms, residuals), run as is or captured once
@@ -240,28 +249,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    # on the GPU, q/k/v and gate/up run as one GEMV each (tileattn.projections); the CPU has no
-    # launch cost to save and keeps eager generate's exact arithmetic
-    with fused(model) if device.type == "cuda" else contextlib.nullcontext():
-        # prefill: unpadded prompts through the dense kernel over the filled slots (compiled when
-        # asked); left-padded ones through the padding mask (varlen kernel); positions counted per row
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache_position = torch.arange(prompt_len, device=device)
-        if bool((leftpad == 0).all()):
-            call = _forward_call
-            if compile and prompt_len > 1:
-                call = _compiled_call("prefill")
-                _allocate(cache, model, batch)
-                _mark_cache_dynamic(cache)
-                for x in (input_ids, positions):
-                    torch._dynamo.maybe_mark_dynamic(x, 1)
-                torch._dynamo.maybe_mark_dynamic(cache_position, 0)
-            with _decoding(DecodeContext(leftpad + prompt_len, leftpad, prefill=True)):
-                logits = call(model, _model_kwargs(model, cache), input_ids, cache_position, positions)
-        else:
-            out = model(attention_mask=attention_mask, input_ids=input_ids, position_ids=positions,
-                        cache_position=cache_position, **_model_kwargs(model, cache))
-            logits = out.logits[:, -1]
+    # prefill: unpadded prompts through the dense kernel over the filled slots (compiled when
+    # asked); left-padded ones through the padding mask (varlen kernel); positions counted per row
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache_position = torch.arange(prompt_len, device=device)
+    if bool((leftpad == 0).all()):
+        call, scope = _forward_call, contextlib.nullcontext()
+        if compile and prompt_len > 1:
+            call, scope = _compiled_call("prefill"), _fusing(model, device)
+            _allocate(cache, model, batch)
+            _mark_cache_dynamic(cache)
+            for x in (input_ids, positions):
+                torch._dynamo.maybe_mark_dynamic(x, 1)
+            torch._dynamo.maybe_mark_dynamic(cache_position, 0)
+        with _decoding(DecodeContext(leftpad + prompt_len, leftpad, prefill=True)), scope:
+            logits = call(model, _model_kwargs(model, cache), input_ids, cache_position, positions)
+    else:
+        out = model(attention_mask=attention_mask, input_ids=input_ids, position_ids=positions,
+                    cache_position=cache_position, **_model_kwargs(model, cache))
+        logits = out.logits[:, -1]
+    with _fusing(model, device):
         step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens = []

@@ -227,6 +227,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             reuse it). Combines with cuda_graph, which then captures the compiled step.
         on_token: optional callback receiving each step's tokens (B,) as they are chosen.
 
+    On CUDA the compiled prefill and the decode steps run each layer's q/k/v (and gate/up)
+    projections as one matmul (tileattn.projections): the model's parameters become views of
+    one buffer per group, with the same names, values and Parameter objects.
+
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
     """
     _check_model(model)

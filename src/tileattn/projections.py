@@ -10,7 +10,9 @@ as one 7680 x 2560 matrix, q, k and v are one GEMV.
 modules' parameters at views of it: the same Parameter objects, names and values, so
 ``state_dict`` is unchanged and no memory is added. Inside ``fused(model)`` the first projection
 called with an input computes the whole group's product and the others take their slices of
-it; outside, and whenever the input differs, each module runs as the plain ``nn.Linear`` it is.
+it (inputs are matched by identity: one edited in place between two members' calls would be
+missed; transformers' attention and MLP blocks pass one tensor to all members and edit none);
+outside the scope each module runs as the plain ``nn.Linear`` it is.
 ``fused`` fuses again first if the views stopped aliasing the buffer (``model.to()``, new
 parameters assigned).
 """

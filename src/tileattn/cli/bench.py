@@ -313,11 +313,15 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, co
                 row = (n, label, batch * n / prefill_s, batch * r.decode_tok_s, r.peak_mib / 1024)
             except torch.OutOfMemoryError:
                 row = (n, label, None, None, None)
+            # reserved beside allocated: an out-of-memory row with allocated headroom left points at
+            # the caching allocator's fragmentation
+            reserved = ""
             if device.type == "cuda":
+                reserved = f", reserved {torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB"
                 torch.cuda.empty_cache()
             rows.append(row)
             log(f"prompt {n} x{batch} {label}: prefill {_fmt(row[2])} tok/s, decode {_fmt(row[3])} tok/s, "
-                f"peak {_fmt(row[4])} GiB")
+                f"peak {_fmt(row[4])} GiB{reserved}")
     return rows
 
 

@@ -108,17 +108,19 @@ def _forward_call(model, model_kwargs: dict, tokens, cache_position, position_id
     return out.logits[:, -1]
 
 
-_compiled_calls: dict = {}
+_compiled_forward_call = None
 
 
-def _compiled_call(phase: str):
-    """One torch.compile per phase ("prefill", "decode") for every model and call: dynamo guards
-    on the model's structure and the tensors' shapes, not on which cache or context object it
-    gets. The prefill's prompt length and both phases' cache length are marked dynamic, so new
-    lengths reuse the graph."""
-    if phase not in _compiled_calls:
-        _compiled_calls[phase] = torch.compile(_forward_call, dynamic=False)
-    return _compiled_calls[phase]
+def _compiled_call():
+    """One torch.compile for every model, call and phase: dynamo keeps its graphs on the
+    function's code and guards on the model's structure and the tensors' shapes, not on which
+    cache or context object it gets. The prefill (prompt length marked dynamic) and the decode
+    step (one token) are two graphs of it; the cache length is dynamic in both, so new lengths
+    reuse them."""
+    global _compiled_forward_call
+    if _compiled_forward_call is None:
+        _compiled_forward_call = torch.compile(_forward_call, dynamic=False)
+    return _compiled_forward_call
 
 
 def _mark_cache_dynamic(cache):
@@ -130,14 +132,13 @@ def _mark_cache_dynamic(cache):
 _kv_shapes_of = weakref.WeakKeyDictionary()
 
 
-def _allocate(cache, model, batch: int):
+def _allocate(cache, model, batch: int, device: torch.device):
     """Allocate the static cache's layers before a compiled prefill, so the cache enters the
     graph as an input (its length dynamic) instead of being created inside it with its length
     baked in. Each layer's K/V heads, head dims and dtype come from one token run through the
     model into a scratch dynamic cache, once per model: configs name these in too many ways."""
     from transformers.cache_utils import DynamicCache
 
-    device = next(model.parameters()).device
     shapes = _kv_shapes_of.get(model)
     if shapes is None:
         scratch = DynamicCache()
@@ -170,7 +171,7 @@ class _Step:
         self.model, self.model_kwargs = model, _model_kwargs(model, cache)
         self.call = _forward_call
         if compile:
-            self.call = _compiled_call("decode")
+            self.call = _compiled_call()
             _mark_cache_dynamic(cache)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
@@ -260,8 +261,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if bool((leftpad == 0).all()):
         call, scope = _forward_call, contextlib.nullcontext()
         if compile and prompt_len > 1:
-            call, scope = _compiled_call("prefill"), _fusing(model, device)
-            _allocate(cache, model, batch)
+            call, scope = _compiled_call(), _fusing(model, device)
+            _allocate(cache, model, batch, device)
             _mark_cache_dynamic(cache)
             for x in (input_ids, positions):
                 torch._dynamo.maybe_mark_dynamic(x, 1)

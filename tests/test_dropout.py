@@ -31,7 +31,7 @@ def _keep_kernel(Out, seed, offset, bh, p, first_col, ROWS: tl.constexpr, COLS: 
 
 
 def test_kernel_bits_match_the_torch_definition():
-    """The kernels' tile of keep factors (four keys per Philox call, interleaved) is the mask
+    """The kernels' tile of keep factors (eight keys per Philox call, interleaved) is the mask
     tileattn.dropout defines, at a tile that does not start at key 0."""
     out = torch.empty(16, 32, device=DEVICE)
     _keep_kernel[(1,)](out, 987654321, 11, 5, 0.3, 64, ROWS=16, COLS=32)
@@ -71,8 +71,8 @@ def test_dropout_matches_reference_given_mask(backend, shape, causal):
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=0, msg=f"d{name}")
 
 
-def test_keep_rate_within_statistical_bounds():
-    p = 0.17
+@pytest.mark.parametrize("p", [0.001, 0.17, 0.9])
+def test_keep_rate_within_statistical_bounds(p):
     keep = dropout_mask(p, 1234, 5, 4, 8, 128, 128)
     n = keep.numel()
     sigma = (p * (1 - p) / n) ** 0.5

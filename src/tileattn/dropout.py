@@ -1,17 +1,22 @@
 """Attention dropout's random bits, defined once for both backends and the tests.
 
-Element (batch b, head h, query i, key j) is kept iff u >= dropout_p, where u is the top 24
-bits of output word j % 4 of Philox-4x32-10 (Triton's ``tl.philox``) with key ``seed`` and
-counter (j // 4, i, b * heads + h, offset), scaled to [0, 1): one Philox evaluation (ten rounds
-of 32-bit multiplies) serves four neighbouring keys. The kernels regenerate the bits in the
-backward instead of storing a mask; this module computes the same bits in PyTorch for the CPU
-backend and for ``return_attn_probs``.
+Element (batch b, head h, query i, key j) is kept iff u >= dropout_p. Philox-4x32-10 (Triton's
+``tl.philox``) with key ``seed`` and counter (j // 8, i, b * heads + h, offset) gives four 32-bit
+words; u is 16-bit part j % 2 (low half first) of word (j % 8) // 2, scaled to [0, 1). One
+Philox evaluation (ten rounds of 32-bit multiplies, the forward's most expensive work per score
+when each key had its own word) so serves eight neighbouring keys, and p is resolved to 2**-16:
+the keep rate is 1 - p within 1.6e-5, while the kept probabilities are scaled by exactly
+1 / (1 - p). The kernels regenerate the bits in the backward instead of storing a mask; this
+module computes the same bits in PyTorch for the CPU backend and for ``return_attn_probs``.
 """
 
 from __future__ import annotations
 
 import torch
 
+KEY_BITS = 16  # random bits per key (8 bits cannot drop a p below 1/256: measured 0.0039 for 0.001)
+KEYS_PER_WORD = 32 // KEY_BITS
+KEYS_PER_CALL = 4 * KEYS_PER_WORD
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -48,24 +53,27 @@ def philox(seed: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def uniform(word: torch.Tensor) -> torch.Tensor:
-    """A Philox word's top 24 bits as a float32 in [0, 1), as the kernels compute it."""
-    return (word >> 8).to(torch.float32) * 2.0**-24
+def uniform(part: torch.Tensor) -> torch.Tensor:
+    """A key's KEY_BITS random bits as a float32 in [0, 1) (exact: the kernels compare the
+    integer with ceil(p * 2**KEY_BITS), the same test)."""
+    return part.to(torch.float32) * 2.0**-KEY_BITS
 
 
 def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, first_col: int, num_cols: int
               ) -> torch.Tensor:
     """True where the attention probability (batch*heads + head, query row, key col) is kept,
     for keys [first_col, first_col + num_cols) along a new last dim; batch_head and rows are
-    int tensors (or ints) that broadcast together. Each Philox call serves four keys here too."""
+    int tensors (or ints) that broadcast together."""
     device = next((x.device for x in (batch_head, rows) if isinstance(x, torch.Tensor)), None)
-    first = first_col // 4
-    counters = torch.arange(first, (first_col + num_cols + 3) // 4, device=device)
+    first = first_col // KEYS_PER_CALL
+    counters = torch.arange(first, -(-(first_col + num_cols) // KEYS_PER_CALL), device=device)
     rows, batch_head = (torch.as_tensor(x, device=device).unsqueeze(-1) for x in (rows, batch_head))
-    words = philox(seed, counters, rows, batch_head, offset)
-    word = torch.stack(words, -1).flatten(-2)  # key 4 * c + w is word w of counter c
-    start = first_col - 4 * first
-    return uniform(word[..., start : start + num_cols]) >= dropout_p
+    # word w of counter c at 4c + w, then its part s at KEYS_PER_WORD * (4c + w) + s
+    words = torch.stack(philox(seed, counters, rows, batch_head, offset), -1).flatten(-2)
+    low = (1 << KEY_BITS) - 1
+    parts = torch.stack([(words >> (KEY_BITS * s)) & low for s in range(KEYS_PER_WORD)], -1).flatten(-2)
+    start = first_col - KEYS_PER_CALL * first
+    return uniform(parts[..., start : start + num_cols]) >= dropout_p
 
 
 def dropout_mask(dropout_p: float, seed: int, offset: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,

@@ -18,6 +18,14 @@ probabilities that reach the output by ``dropout_keep`` (bits regenerated, never
 import triton
 import triton.language as tl
 
+from .. import dropout
+
+# dropout_keep splits each Philox word into two 16-bit halves
+assert dropout.KEY_BITS == 16
+KEYS_PER_WORD = tl.constexpr(dropout.KEYS_PER_WORD)
+KEYS_PER_CALL = tl.constexpr(dropout.KEYS_PER_CALL)
+KEY_SCALE = tl.constexpr(float(2**dropout.KEY_BITS))
+
 # constexpr so kernels may read them; launchers use LOG2E.value
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -132,19 +140,19 @@ def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, window_left, window_right,
 @triton.jit
 def dropout_keep(seed, offset, bh, rows, first_col, dropout_p, rescale, BLOCK_N: tl.constexpr):
     """[M, BLOCK_N]: rescale where the probability at (bh, row, first_col + n) is kept, 0 where
-    dropped: the bits of tileattn.dropout (Philox-4x32-10, counter (col // 4, row, bh, offset),
-    word col % 4, top 24 bits vs p). rows [M]; first_col a multiple of 4 (tiles start at
-    multiples of BLOCK_N). One Philox call gives the words of four neighbouring columns; they
-    are compared at [M, BLOCK_N / 4] and interleaved as int8, the cheapest tile to relayout."""
-    c0 = (first_col // 4 + tl.arange(0, BLOCK_N // 4))[None, :] + rows[:, None] * 0
+    dropped: the bits tileattn.dropout defines (16 bits of a Philox word per key). rows [M];
+    first_col a multiple of KEYS_PER_CALL (tiles start at multiples of BLOCK_N). One Philox call
+    gives the bits of KEYS_PER_CALL neighbouring columns; they are compared as integers (no
+    int-to-float conversion, which issues at the exp2 unit's rate) at [M, BLOCK_N / KEYS_PER_WORD]
+    and interleaved as int8, the cheapest tile to relayout."""
+    c0 = (tl.arange(0, BLOCK_N // KEYS_PER_CALL) + first_col // KEYS_PER_CALL)[None, :] + rows[:, None] * 0
     c1 = rows[:, None] + c0 * 0
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset)
-    threshold = dropout_p * 16777216.0  # u >= p with u = (r >> 8) / 2**24, exactly
-    k0 = ((r0 >> 8).to(tl.float32) >= threshold).to(tl.int8)
-    k1 = ((r1 >> 8).to(tl.float32) >= threshold).to(tl.int8)
-    k2 = ((r2 >> 8).to(tl.float32) >= threshold).to(tl.int8)
-    k3 = ((r3 >> 8).to(tl.float32) >= threshold).to(tl.int8)
-    kept = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [M, N / 4, 2, 2]: word 2 * i + j at [.., i, j]
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [M, C, 2, 2]: word 2 * i + j at [.., i, j]
+    words = tl.reshape(words, [rows.shape[0], BLOCK_N // KEYS_PER_WORD])
+    # u / 2**16 >= p  <=>  u >= ceil(p * 2**16) for integer u (the scaling is exact)
+    threshold = tl.math.ceil(dropout_p * KEY_SCALE).to(tl.uint32)
+    kept = tl.join(((words & 0xFFFF) >= threshold).to(tl.int8), ((words >> 16) >= threshold).to(tl.int8))
     kept = tl.reshape(kept, [rows.shape[0], BLOCK_N])
     return tl.where(kept != 0, rescale, 0.0)
 

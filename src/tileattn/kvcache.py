@@ -80,7 +80,10 @@ def flash_attn_with_kvcache(
         block_table: optional int32 (batch, max_blocks): page indices of each sequence.
         causal: bottom-right aligned to each sequence's length after appending.
         num_splits: how many programs split one sequence's keys; 0 chooses from the SM count,
-            batch, heads and capacity. Any value gives the same result up to rounding.
+            batch, heads and capacity, then (on a GPU, unless TILEATTN_AUTOTUNE=0) times that
+            count against half, twice and four times it on the first call of each shape and
+            cache layout; a call inside a CUDA-graph capture uses what an earlier call chose.
+            Any value gives the same result up to rounding.
         window_size, softcap, alibi_slopes: as in :func:`tileattn.flash_attn_func`, with each
             sequence's diagonal at its length after appending; learnable_sink (heads,) likewise.
         return_softmax_lse: also return the LSE (batch, heads, seqlen_q) float32.

@@ -1,5 +1,7 @@
 """The Triton decode launcher directly: split keys and their merge, with poisoned outputs."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -51,3 +53,28 @@ def test_split_counts_fill_at_most_a_wave():
                     assert capacity / (splits - 1) > min_keys, (programs, capacity)
     # a short cache still spreads over the SMs: one program, 2304 slots -> 8 splits of 288 keys
     assert choose_splits(1, 2304, torch.device("cpu")) == sms
+
+
+def test_tuned_split_count_is_the_fastest_candidate_timed_once(monkeypatch):
+    """Candidates are the heuristic's count, half, twice and four times it (capped); the
+    fastest is remembered per key, and a CUDA-graph capture (where nothing can be timed) falls
+    back to the heuristic without remembering it."""
+    decode_module = importlib.import_module("tileattn.kernels.decode")
+    monkeypatch.setattr(decode_module, "_TUNED_SPLITS", {})
+    timed = []
+    times = {2: 3.0, 4: 2.0, 8: 1.5, 16: 1.7}
+
+    def time_splits(splits):
+        timed.append(splits)
+        return times[splits]
+
+    assert decode_module.tuned_splits("a", 4, time_splits) == 8
+    assert sorted(timed) == [2, 4, 8, 16]
+    assert decode_module.tuned_splits("a", 4, time_splits) == 8 and len(timed) == 4
+    top = decode_module.MAX_SPLITS
+    decode_module.tuned_splits("b", top, lambda s: timed.append(s) or 1.0)
+    assert timed[4:] == [top // 2, top]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert decode_module.tuned_splits("c", 4, time_splits) == 4 and "c" not in decode_module._TUNED_SPLITS

@@ -39,7 +39,7 @@ _GPU_CONFIGS = {
     # only the key tile, warps and pipeline depth are tuned
     "decode": {
         64: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 4, 4), (None, 256, 8, 3)],
-        128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3)],
+        128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 2, 3)],
         256: [(None, 64, 4, 3), (None, 32, 4, 3), (None, 64, 4, 2)],
     },
 }
@@ -57,6 +57,12 @@ _EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "num_splits"]}
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """Whether launch choices are timed on the GPU (off under the interpreter and with
+    TILEATTN_AUTOTUNE=0, which take the first config: reproducible, no tuning pause)."""
+    return not interpreting() and os.environ.get("TILEATTN_AUTOTUNE", "1") != "0"
 
 
 def head_block(head_dim: int) -> int:
@@ -203,7 +209,7 @@ def autotuned(kernel, kind: str):
     class _Launcher:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                if interpreting() or os.environ.get("TILEATTN_AUTOTUNE", "1") == "0":
+                if not autotuning():
                     return launch_fixed(grid, args, kwargs)
                 return launch_tuned(grid, args, kwargs)
 

@@ -48,3 +48,13 @@ def test_variants_bench_reports_every_variant(tmp_path):
     for name in ("causal, window (31, 0)", "softcap 30", "ALiBi", "window covering everything", "sinks", "dropout 0.1"):
         assert f"| {name}" in report, name
     assert (tmp_path / "variants.png").stat().st_size > 1000
+
+
+def test_decode_bench_reports_each_layout(tmp_path):
+    """The CPU runs toy shapes: a GQA cache dense and paged, and a transformers-layout head dim 80."""
+    assert main(["bench", "--no-speed", "--no-memory", "--decode", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "bench.md").read_text()
+    for row in ("| 1 | 96 | 4 (2) | 32 | dense |", "| 1 | 96 | 4 (2) | 32 | paged 16 |",
+                "| 2 | 48 | 2 (2) | 80 | transformers |"):
+        line = next(line for line in report.splitlines() if line.startswith(row))
+        assert float(line.split("|")[6]) > 0, line  # tileattn's bandwidth was measured

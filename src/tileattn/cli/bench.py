@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-attns", nargs="*", default=["tileattn", "sdpa", "eager"],
                    help="attentions timed through transformers' generate for --generation")
     p.add_argument("--decode", action="store_true",
-                   help="also measure KV-cache decode bandwidth (dense and paged) against SDPA flash/cuDNN")
+                   help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
+                        "SDPA flash/cuDNN")
     p.add_argument("--variants", action="store_true",
                    help="cost of sliding window, softcap, ALiBi, sinks and dropout against plain causal attention")
     p.add_argument("--ring", action="store_true",
@@ -486,7 +487,7 @@ def run(args) -> int:
         generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch,
                                            args.compile_step, args.generation_attns)
     decode_rows = []
-    if args.decode and gpu:
+    if args.decode:
         log("== KV-cache decode bandwidth")
         decode_rows = decode_bench(device, log)
     ring_rows = []

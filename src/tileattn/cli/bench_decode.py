@@ -1,21 +1,41 @@
 """`tileattn bench --decode`: KV-cache decode bandwidth against SDPA's kernels.
 
-One new query token per sequence, bf16, 32 query heads sharing 8 K/V heads, head dim 128.
-Bandwidth = bytes of K and V read / time. Every implementation is timed inside a CUDA graph
-(triton.testing.do_bench_cudagraph) so launch overhead doesn't hide the memory time.
+One new query token per sequence, bf16. Two sets of shapes: 32 query heads sharing 8 K/V heads
+of dim 128 in flash-attn's (batch, seqlen, heads, dim) cache, dense and paged (issue #4's
+table); and Phi-2's 32 heads of dim 80 (no GQA) in transformers' (batch, heads, seqlen, dim)
+cache at the lengths `tileattn generate` decodes with (a 2k or 16k prompt plus 256 new tokens).
+Bandwidth = bytes of K and V read / time. On the GPU every implementation is timed inside a CUDA
+graph (triton.testing.do_bench_cudagraph) so launch overhead doesn't hide the memory time;
+"heuristic splits" is tileattn with the split count the rule alone picks, beside the default
+that times it against other counts. The CPU runs toy shapes so the command itself is tested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..kvcache import flash_attn_with_kvcache
 
-SHAPES = [(1, 8192), (1, 65536), (8, 8192), (32, 4096), (64, 16384)]  # (batch, cache length)
-HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    seqlen: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    transformers_layout: bool  # the cache is (batch, heads_kv, seqlen, dim), seen through a transpose
+
+
+GQA = [Case(b, s, 32, 8, 128, False) for b, s in [(1, 8192), (1, 65536), (8, 8192), (32, 4096), (64, 16384)]]
+PHI2 = [Case(b, s, 32, 32, 80, True) for b, s in [(1, 2304), (1, 8192), (1, 16640), (8, 2304)]]
+TOY = [Case(1, 96, 4, 2, 32, False), Case(2, 48, 2, 2, 80, True)]
+IMPLS = ["tileattn", "tileattn, heuristic splits", "sdpa-flash", "sdpa-cudnn"]
 
 
 def _sdpa(backend_name: str):
@@ -45,28 +65,48 @@ def _paged(k_cache, v_cache, page_size, gen):
 
 
 def _time_ms(fn) -> float | None:
-    import triton.testing
-
+    """Median ms; None where a backend refuses the shape (or GQA), reported as absent."""
     try:
         fn()
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-    except Exception:  # a backend that refuses this shape (or GQA) is reported as absent
+        if torch.cuda.is_available():
+            import triton.testing
+
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (time.perf_counter() - start) / 3 * 1e3
+    except Exception:
         return None
 
 
-def decode_bench(device, log, page_sizes=(16, 256), shapes=SHAPES) -> list[tuple]:
-    """Rows (batch, seqlen, layout, {impl: TB/s}); dense rows compare SDPA flash and cuDNN."""
-    dtype = torch.bfloat16
+def _cache(case: Case, dtype, device):
+    shape = (case.batch, case.heads_kv, case.seqlen, case.head_dim)
+    k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
+    if case.transformers_layout:
+        return k.transpose(1, 2), v.transpose(1, 2)
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
+def decode_bench(device, log, page_sizes=(16, 256), cases=None) -> list[tuple]:
+    """Rows (case, layout, {impl: TB/s}); dense rows compare SDPA flash and cuDNN."""
+    from ..kernels.decode import choose_splits
+
+    gpu = device.type == "cuda"
+    cases = cases if cases is not None else (GQA + PHI2 if gpu else TOY)
+    dtype = torch.bfloat16 if gpu else torch.float32
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for batch, seqlen in shapes:
-        q = torch.randn(batch, 1, HEADS, HEAD_DIM, dtype=dtype, device=device)
-        k_cache = torch.randn(batch, seqlen, HEADS_KV, HEAD_DIM, dtype=dtype, device=device)
-        v_cache = torch.randn_like(k_cache)
-        lens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+    for case in cases:
+        q = torch.randn(case.batch, 1, case.heads, case.head_dim, dtype=dtype, device=device)
+        k_cache, v_cache = _cache(case, dtype, device)
+        lens = torch.full((case.batch,), case.seqlen, dtype=torch.int32, device=device)
         tbytes = 2 * k_cache.numel() * k_cache.element_size() / 1e12
         ours = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
-        impls = {"tileattn": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)}
+        heuristic = choose_splits(case.batch * case.heads_kv, case.seqlen, device)
+        impls = {"tileattn": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens),
+                 "tileattn, heuristic splits": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                                                               num_splits=heuristic)}
         for name, backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION")):
             fn = _sdpa(backend)
             with contextlib.suppress(Exception):
@@ -75,34 +115,40 @@ def decode_bench(device, log, page_sizes=(16, 256), shapes=SHAPES) -> list[tuple
             impls[name] = lambda fn=fn: fn(q, k_cache, v_cache)
         speeds = {name: (tbytes / (ms / 1e3) if ms else None) for name, ms in ((n, _time_ms(f))
                                                                              for n, f in impls.items())}
-        rows.append((batch, seqlen, "dense", speeds))
-        log(f"   B{batch} S{seqlen} dense: " + ", ".join(f"{n} {_fmt(s)} TB/s" for n, s in speeds.items()))
-        for page_size in page_sizes:
+        layout = "transformers" if case.transformers_layout else "dense"
+        rows.append((case, layout, speeds))
+        log(f"   {case} ({heuristic} heuristic splits): " + ", ".join(f"{n} {_fmt(s)} TB/s" for n, s in speeds.items()))
+        for page_size in page_sizes if not case.transformers_layout else ():
+            if case.seqlen % page_size:
+                continue
             k_pages, v_pages, table = _paged(k_cache, v_cache, page_size, gen)
             paged_out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens, block_table=table)
             if not torch.allclose(paged_out.float(), ours.float(), atol=1e-2):
-                raise AssertionError(f"paged (page {page_size}) and dense decode disagree at B{batch} S{seqlen}")
+                raise AssertionError(f"paged (page {page_size}) and dense decode disagree at {case}")
             ms = _time_ms(lambda: flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens,
                                                           block_table=table))
             speed = tbytes / (ms / 1e3) if ms else None
-            rows.append((batch, seqlen, f"paged {page_size}", {"tileattn": speed}))
-            log(f"   B{batch} S{seqlen} paged {page_size}: tileattn {_fmt(speed)} TB/s")
+            rows.append((case, f"paged {page_size}", {"tileattn": speed}))
+            log(f"   {case} paged {page_size}: tileattn {_fmt(speed)} TB/s")
     return rows
 
 
 def _fmt(x) -> str:
-    return "—" if x is None else f"{x:.2f}"
+    if x is None:
+        return "—"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"  # the CPU's toy shapes read well under 0.01 TB/s
 
 
 def decode_table(rows) -> list[str]:
-    impls = ["tileattn", "sdpa-flash", "sdpa-cudnn"]
-    lines = [f"Decode, bf16, one query token, {HEADS} query / {HEADS_KV} K/V heads, head dim {HEAD_DIM}: "
-             "K+V bytes read / time, TB/s (CUDA-graph timing):", "",
-             "| batch | cache length | layout | " + " | ".join(impls) + " | tileattn / cuDNN |",
-             "|---|---|---|" + "---|" * (len(impls) + 1)]
-    for batch, seqlen, layout, speeds in rows:
+    lines = ["Decode, one query token: K+V bytes read / time, TB/s (CUDA-graph timing on the GPU). Layout: "
+             "dense and paged caches in flash-attn's (batch, seqlen, heads, dim) order, transformers' "
+             "(batch, heads, seqlen, dim) seen through a transpose:", "",
+             "| batch | cache length | heads (K/V) | head dim | layout | " + " | ".join(IMPLS)
+             + " | tileattn / cuDNN |",
+             "|---|---|---|---|---|" + "---|" * (len(IMPLS) + 1)]
+    for case, layout, speeds in rows:
         ours, cudnn = speeds.get("tileattn"), speeds.get("sdpa-cudnn")
         ratio = f"{ours / cudnn:.2f}" if ours and cudnn else "—"
-        lines.append(f"| {batch} | {seqlen} | {layout} | " + " | ".join(_fmt(speeds.get(n)) for n in impls)
-                     + f" | {ratio} |")
+        lines.append(f"| {case.batch} | {case.seqlen} | {case.heads} ({case.heads_kv}) | {case.head_dim} | {layout} | "
+                     + " | ".join(_fmt(speeds.get(n)) for n in IMPLS) + f" | {ratio} |")
     return lines + [""]

@@ -40,6 +40,14 @@ def test_kernel_bits_match_the_torch_definition():
     assert 0.5 < ref.float().mean() < 0.9
 
 
+def test_mask_of_any_key_range_is_a_slice_of_the_whole():
+    """The CPU backend asks for key chunks that need not start at a Philox call's first key."""
+    rows = torch.arange(6)
+    whole = keep_mask(0.4, 42, 3, 7, rows, 0, 40)
+    for first, count in [(5, 13), (8, 8), (15, 1), (1, 39)]:
+        assert torch.equal(keep_mask(0.4, 42, 3, 7, rows, first, count), whole[..., first : first + count])
+
+
 def _reference(q, k, v, keep, p, causal, dout):
     """fp64 attention whose probabilities are multiplied by keep / (1 - p); out and grads."""
     leaves = [x.double().requires_grad_() for x in (q, k, v)]

@@ -78,3 +78,20 @@ def test_tuned_split_count_is_the_fastest_candidate_timed_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert decode_module.tuned_splits("c", 4, time_splits) == 4 and "c" not in decode_module._TUNED_SPLITS
+
+
+def test_split_key_tells_cache_layouts_apart_but_not_capacities_in_one_bucket():
+    """The best split count moved with the cache's dim order (BENCHMARKS.md), not with its
+    exact capacity: flash-attn's (B, S, H, D) and transformers' (B, H, S, D) seen as
+    (B, S, H, D) get separate entries; 1100 and 2000 slots (one power-of-two bucket) share one."""
+    decode_module = importlib.import_module("tileattn.kernels.decode")
+    q = torch.randn(1, 1, 4, 16)
+
+    def key(cache):
+        return decode_module._split_key(q, cache, cache.shape[1], False, False)
+
+    flash = torch.randn(1, 2000, 2, 16)
+    transformers = torch.randn(1, 2, 2000, 16).transpose(1, 2)
+    assert key(flash) != key(transformers)
+    assert key(flash) == key(torch.randn(1, 1100, 2, 16))
+    assert key(flash) != key(torch.randn(1, 2100, 2, 16))

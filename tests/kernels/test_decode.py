@@ -81,9 +81,10 @@ def test_tuned_split_count_is_the_fastest_candidate_timed_once(monkeypatch):
 
 
 def test_split_key_tells_cache_layouts_apart_but_not_capacities_in_one_bucket():
-    """The best split count moved with the cache's dim order (BENCHMARKS.md), not with its
-    exact capacity: flash-attn's (B, S, H, D) and transformers' (B, H, S, D) seen as
-    (B, S, H, D) get separate entries; 1100 and 2000 slots (one power-of-two bucket) share one."""
+    """The best split count moved with the cache's dim order (BENCHMARKS.md): flash-attn's
+    (B, S, H, D) and transformers' (B, H, S, D) seen as (B, S, H, D) get separate entries.
+    Capacity counts by its power-of-two bucket, as the tile autotuner's key does, so 1100 and
+    2000 slots share one entry (a new bucket is timed anew)."""
     decode_module = importlib.import_module("tileattn.kernels.decode")
     q = torch.randn(1, 1, 4, 16)
 

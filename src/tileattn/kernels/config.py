@@ -162,10 +162,10 @@ def _meta(block_m, block_n) -> dict:
     return {"BLOCK_N": block_n} if block_m is None else {"BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
-def _graph_bench(fn, quantiles):
-    """A decode launch lasts microseconds: time it replayed from a CUDA graph, as generation
-    runs it, or launch overhead decides the choice (autotuned by plain timing, batch 1 x 8k
-    decode read 2.52 TB/s on an H100, the first config 2.72)."""
+def graph_bench(fn, quantiles=None):
+    """Milliseconds of fn replayed from a CUDA graph. A decode launch lasts microseconds: timed
+    that way, as generation runs it, or launch overhead decides the choice (autotuned by plain
+    timing, batch 1 x 8k decode read 2.52 TB/s on an H100, the first config 2.72)."""
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
@@ -202,7 +202,7 @@ def autotuned(kernel, kind: str):
                 configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s)
                          for (m, n, w, s) in _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])],
                 key=_KEY + _EXTRA_KEY.get(kind, []),
-                do_bench=_graph_bench if kind == "decode" else None,
+                do_bench=graph_bench if kind == "decode" else None,
             )(kernel)
         return tuners[key][grid](*args, **kwargs)
 

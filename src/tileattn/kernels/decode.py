@@ -18,9 +18,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from .config import autotuned, autotuning, dot_precision, head_block, head_blocks, seqlen_bucket
+from .config import autotuned, autotuning, dot_precision, graph_bench, head_block, head_blocks, seqlen_bucket
 from .forward import alibi_batch_stride, check_offsets, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
@@ -297,8 +296,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
                            learnable_sink=learnable_sink)
             key = _split_key(q, k_cache, capacity, paged, causal, tuple(window_size), softcap, alibi_slopes is None,
                              learnable_sink is None, cache_batch_idx is None, cache_leftpad is None)
-            num_splits = tuned_splits(key, num_splits, lambda splits: triton.testing.do_bench_cudagraph(
-                lambda: decode(*args, num_splits=splits, out=out, lse=lse, **variant), rep=20))
+            num_splits = tuned_splits(key, num_splits, lambda splits: graph_bench(
+                lambda: decode(*args, num_splits=splits, out=out, lse=lse, **variant)))
     num_splits = min(num_splits, MAX_SPLITS)
     if num_splits > 1:
         out_split = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)

@@ -63,11 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- timing
 
 
-def _bench(fn, device: torch.device, grad_to_none=()) -> float:
-    """Median milliseconds of fn()."""
+def _bench(fn, device: torch.device, grad_to_none=(), graph: bool = False) -> float:
+    """Median milliseconds of fn(). graph: on the GPU, time fn replayed from a CUDA graph, for
+    kernels of microseconds whose launch overhead would hide their memory time (decode)."""
     if device.type == "cuda":
         import triton.testing
 
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none), return_mode="median")
     fn()
     times = []
@@ -489,7 +492,7 @@ def run(args) -> int:
     decode_rows = []
     if args.decode:
         log("== KV-cache decode bandwidth")
-        decode_rows = decode_bench(device, log)
+        decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True))
     ring_rows = []
     if args.ring:
         log("== ring attention")

@@ -13,7 +13,6 @@ that times it against other counts. The CPU runs toy shapes so the command itsel
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +63,11 @@ def _paged(k_cache, v_cache, page_size, gen):
     return *paged, order.view(batch, per_seq).to(torch.int32)
 
 
-def _time_ms(fn) -> float | None:
-    """Median ms; None where a backend refuses the shape (or GQA), reported as absent."""
+def _time_ms(timer, fn) -> float | None:
+    """timer(fn) ms; None where a backend refuses the shape (or GQA), reported as absent."""
     try:
         fn()
-        if torch.cuda.is_available():
-            import triton.testing
-
-            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-        start = time.perf_counter()
-        for _ in range(3):
-            fn()
-        return (time.perf_counter() - start) / 3 * 1e3
+        return timer(fn)
     except Exception:
         return None
 
@@ -88,8 +80,8 @@ def _cache(case: Case, dtype, device):
     return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
 
-def decode_bench(device, log, page_sizes=(16, 256), cases=None) -> list[tuple]:
-    """Rows (case, layout, {impl: TB/s}); dense rows compare SDPA flash and cuDNN."""
+def decode_bench(device, log, timer, page_sizes=(16, 256), cases=None) -> list[tuple]:
+    """Rows (case, layout, {impl: TB/s}); dense rows compare SDPA flash and cuDNN; timer(fn) -> ms."""
     from ..kernels.decode import choose_splits
 
     gpu = device.type == "cuda"
@@ -113,7 +105,7 @@ def decode_bench(device, log, page_sizes=(16, 256), cases=None) -> list[tuple]:
                 diff = (fn(q, k_cache, v_cache).transpose(1, 2).float() - ours.float()).abs().max().item()
                 log(f"   {name} vs tileattn max |diff| {diff:.2e}")
             impls[name] = lambda fn=fn: fn(q, k_cache, v_cache)
-        speeds = {name: (tbytes / (ms / 1e3) if ms else None) for name, ms in ((n, _time_ms(f))
+        speeds = {name: (tbytes / (ms / 1e3) if ms else None) for name, ms in ((n, _time_ms(timer, f))
                                                                              for n, f in impls.items())}
         layout = "transformers" if case.transformers_layout else "dense"
         rows.append((case, layout, speeds))
@@ -125,7 +117,7 @@ def decode_bench(device, log, page_sizes=(16, 256), cases=None) -> list[tuple]:
             paged_out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens, block_table=table)
             if not torch.allclose(paged_out.float(), ours.float(), atol=1e-2):
                 raise AssertionError(f"paged (page {page_size}) and dense decode disagree at {case}")
-            ms = _time_ms(lambda: flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens,
+            ms = _time_ms(timer, lambda: flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens,
                                                           block_table=table))
             speed = tbytes / (ms / 1e3) if ms else None
             rows.append((case, f"paged {page_size}", {"tileattn": speed}))

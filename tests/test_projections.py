@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 import tileattn  # noqa: E402,F401  (registers "tileattn")
 from tileattn import projections  # noqa: E402
 
+from .helpers import DEVICE  # noqa: E402
 from .tiny_models import CONFIGS  # noqa: E402
 
 
@@ -89,3 +90,40 @@ def test_fuses_again_after_the_model_moves():
         got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)][2]
     torch.testing.assert_close(got, want)
     assert attn.v_proj.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name,products_per_layer", [("llama", 4), ("phi", 4)])
+def test_one_row_products_run_as_the_gemv(name, products_per_layer, monkeypatch):
+    """Batch-1 decode shape on the Triton backend (the interpreter here): every linear product of
+    one row inside ``fused`` goes through tileattn::gemv, eagerly and compiled (no graph break)."""
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    model = _model(name).to(DEVICE, torch.bfloat16)
+    ids = torch.randint(1, 96, (1, 1), device=DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.double()
+    calls = []
+    real = projections.gemv
+    monkeypatch.setattr(projections, "gemv", lambda *a: calls.append(a[1].shape) or real(*a))
+    with torch.no_grad(), projections.fused(model):
+        got = model(input_ids=ids).logits.double()
+    assert len(calls) == products_per_layer * model.config.num_hidden_layers + 1  # + lm_head
+    assert calls[-1] == model.lm_head.weight.shape
+    # bf16 rounding of the hidden states, layer after layer: compare with the model's own scale
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    calls.clear()
+    with torch.no_grad(), projections.fused(model):  # two rows: cuBLAS as before
+        model(input_ids=torch.cat([ids, ids], 1))
+    assert calls == []
+
+    counted = []
+
+    def backend(gm, example_inputs):
+        counted.append(sum(node.target is torch.ops.tileattn.gemv.default for node in gm.graph.nodes))
+        return gm
+
+    monkeypatch.setattr(projections, "gemv", real)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: model(input_ids=i).logits, backend=backend, fullgraph=True)
+    with torch.no_grad(), projections.fused(model):
+        torch.testing.assert_close(compiled(ids).double(), got, rtol=0, atol=0)
+    assert counted == [products_per_layer * model.config.num_hidden_layers + 1]

@@ -196,3 +196,25 @@ fwd_kvcache_op = torch.library.custom_op("tileattn::fwd_kvcache", _fwd_kvcache, 
 def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits,
       window_left, window_right, softcap, alibi_slopes, learnable_sink):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The tileattn::gemv op (one-row ``F.linear`` as a Triton GEMV), called directly where
+    nothing needs the dispatcher. Inference only: it has no backward."""
+    if _direct(x, weight, bias):
+        return _gemv(x, weight, bias)
+    return gemv_op(x, weight, bias)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from .kernels.gemv import gemv as kernel  # triton only where a GEMV runs
+
+    return kernel(x, weight, bias)
+
+
+gemv_op = torch.library.custom_op("tileattn::gemv", _gemv, mutates_args=())
+
+
+@gemv_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))

@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
+from tileattn.kernels.gemv import gemv_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 _FLOATS = {"qk_scale", "softmax_scale", "softcap", "dropout_p", "rescale"}
@@ -102,6 +103,10 @@ def cases():
         for key in ("DROPOUT", "VARLEN"):
             flags.pop(key)
         yield f"decode {label}", "decode._decode_kernel", dec, flags, None
+    for n in (2560, 10240):  # both of gemv_config's choices
+        block_n, block_k, warps = gemv_config(n)
+        yield f"gemv {block_n} rows x {block_k}", "gemv._gemv_kernel", (None, block_n, warps, 3), dict(
+            BLOCK_K=block_k, HAS_BIAS=True), None
 
 
 def main() -> int:

@@ -1,0 +1,78 @@
+"""The Triton GEMV launcher directly: one row times a weight matrix plus bias, poisoned output."""
+
+import pytest
+import torch
+
+from tileattn.kernels.gemv import gemv, gemv_config
+
+from ..helpers import DEVICE
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (N, K): one element; N odd; K past one chunk and not a multiple of it
+SHAPES = [(1, 1), (37, 300), (300, 37), (8, 1024), (9, 4100)]
+WIDE_N = (4099, 300)  # the config for N > 4096: N not a multiple of its rows, a ragged last chunk
+
+
+def _inputs(n, k, dtype, bias):
+    x = torch.randn(1, 1, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k ** 0.5
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    return x, w, b
+
+
+def _check(x, w, b, dtype):
+    out = torch.full(x.shape[:-1] + (w.shape[0],), float("nan"), device=DEVICE, dtype=dtype)
+    got = gemv(x, w, b, out=out)
+    assert got is out and got.shape == x.shape[:-1] + (w.shape[0],)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # torch's own product in the same precision is the yardstick, plus one unit in the last place
+    # of the largest output: the error is mostly the output's rounding, and Triton's interpreter
+    # truncates float32 -> bfloat16 where the GPU rounds to nearest
+    torch_err = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item()
+    err = (got.double() - ref).abs().max().item()
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    assert err <= 2 * torch_err + ulp, (err, torch_err, ulp)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"N{n}-K{k}" for n, k in SHAPES])
+def test_matches_fp64_linear(n, k, dtype, bias):
+    _check(*_inputs(n, k, dtype, bias), dtype)
+
+
+def test_config_for_many_rows():
+    _check(*_inputs(*WIDE_N, torch.bfloat16, True), torch.bfloat16)
+
+
+def test_strided_views():
+    # a weight slice of a fused buffer (row stride of the whole), a non-contiguous one-row input
+    big = torch.randn(50, 96, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(64, 3, device=DEVICE, dtype=torch.bfloat16)[:, 1]
+    w = big[10:30, 16:80]  # strides (96, 1)
+    _check(x, w, torch.randn(20, device=DEVICE, dtype=torch.bfloat16), torch.bfloat16)
+
+
+def test_both_configs_are_covered():
+    assert {gemv_config(n) for n, _ in SHAPES + [WIDE_N]} == {gemv_config(2560), gemv_config(10240)}
+    assert gemv_config(2560) != gemv_config(10240)
+
+
+def test_bad_inputs_name_the_argument():
+    x, w, b = _inputs(8, 32, torch.bfloat16, True)
+    with pytest.raises(ValueError, match="x must hold one row"):
+        gemv(torch.randn(2, 32, device=DEVICE, dtype=torch.bfloat16), w, b)
+    with pytest.raises(ValueError, match="x must hold one row"):
+        gemv(x[..., :16], w, b)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        gemv(x, torch.randn(32, 8, device=DEVICE, dtype=torch.bfloat16).t(), b)
+    with pytest.raises(ValueError, match="bias must be"):
+        gemv(x, w, b[:4])
+    with pytest.raises(TypeError, match="weight must be float16, bfloat16 or float32 like x"):
+        gemv(x, w.half(), b)
+    with pytest.raises(TypeError, match="x must be float16"):
+        gemv(x.long(), w.long(), None)
+    with pytest.raises(ValueError, match="out must be"):
+        gemv(x, w, b, out=torch.empty(1, 1, 7, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="x and weight must be tensors"):
+        gemv([1.0] * 32, w, b)

@@ -94,7 +94,7 @@ def test_fuses_again_after_the_model_moves():
 
 @pytest.mark.parametrize("name,products_per_layer", [("llama", 4), ("phi", 4)])
 def test_one_row_products_run_as_the_gemv(name, products_per_layer, monkeypatch):
-    """Batch-1 decode shape on the Triton backend (the interpreter here): every linear product of
+    """Batch-1 decode shape on the Triton backend (the interpreter without a GPU): every linear product of
     one row inside ``fused`` goes through tileattn::gemv, eagerly and compiled (no graph break)."""
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
     model = _model(name).to(DEVICE, torch.bfloat16)

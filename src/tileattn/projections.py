@@ -13,14 +13,14 @@ called with an input computes the whole group's product and the others take thei
 it (inputs are matched by identity: one edited in place between two members' calls would be
 missed; transformers' attention and MLP blocks pass one tensor to all members and edit none);
 outside the scope each module runs as the plain ``nn.Linear`` it is.
+``fused`` fuses again first if the views stopped aliasing the buffer (``model.to()``, new
+parameters assigned).
 
 Inside the scope a product of one row (batch-1 decode) in float16 or bfloat16 on the Triton
 backend runs as ``tileattn::gemv`` (tileattn.kernels.gemv), for the groups and for every other
 ``nn.Linear`` of the model. On an H100, reading each matrix from memory as a decode step does,
 Phi-2's q/k/v, dense, fc1 and fc2 products took 16.6, 8.0, 21.0 and 23.6 us with cuBLAS and
 15.6, 6.7, 19.6 and 19.6 us as the GEMV (same call).
-``fused`` fuses again first if the views stopped aliasing the buffer (``model.to()``, new
-parameters assigned).
 """
 
 from __future__ import annotations

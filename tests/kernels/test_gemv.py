@@ -68,11 +68,11 @@ def test_bad_inputs_name_the_argument():
         gemv(x, torch.randn(32, 8, device=DEVICE, dtype=torch.bfloat16).t(), b)
     with pytest.raises(ValueError, match="bias must be"):
         gemv(x, w, b[:4])
-    with pytest.raises(TypeError, match="weight must be float16, bfloat16 or float32 like x"):
+    with pytest.raises(TypeError, match=r"weight must have x's dtype \(torch.bfloat16\), got torch.float16"):
         gemv(x, w.half(), b)
-    with pytest.raises(TypeError, match="x must be float16"):
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int64"):
         gemv(x.long(), w.long(), None)
     with pytest.raises(ValueError, match="out must be"):
         gemv(x, w, b, out=torch.empty(1, 1, 7, device=DEVICE, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="x and weight must be tensors"):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         gemv([1.0] * 32, w, b)

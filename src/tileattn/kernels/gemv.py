@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_tensor
 from .config import interpreting
 
 
@@ -47,8 +48,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x (..., K) holding one row, weight (N, K) with unit column stride, bias (N,) or None ->
     (..., N) in x's dtype: the same product as ``F.linear(x, weight, bias)``. out may be passed
     preallocated and contiguous (tests poison it)."""
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    for name, t in tensors.items():
+        check_tensor(name, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {t.dtype}")
+        if t.device != x.device or not (t.is_cuda or interpreting()):
+            raise ValueError(f"{name} must be on x's CUDA device (or run under TRITON_INTERPRET=1), got {t.device}")
     if weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError(f"weight must be 2-D (N, K) with unit column stride, got shape {tuple(weight.shape)} "
                          f"and strides {weight.stride()}")
@@ -57,12 +63,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"x must hold one row of {k} elements (weight is {n} x {k}), got shape {tuple(x.shape)}")
     if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous ({n},) vector, got shape {tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
-    for name, t in tensors.items():
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.dtype != x.dtype:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32 like x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device or not (t.is_cuda or interpreting()):
-            raise ValueError(f"{name} must be on x's CUDA device (or run under TRITON_INTERPRET=1), got {t.device}")
     shape = x.shape[:-1] + (n,)
     y = torch.empty(shape, device=x.device, dtype=x.dtype) if out is None else out
     if y.shape != shape or y.dtype != x.dtype or y.device != x.device or not y.is_contiguous():

@@ -35,3 +35,13 @@ def test_every_head_class_has_configs():
         for block_d in (16, 32, 64, 128, 256):
             for precision in ("tf32", "ieee"):
                 assert config._configs(kind, block_d, precision)
+
+
+def test_pdl_is_opt_in_and_never_interpreted(monkeypatch):
+    use_pdl = config.use_pdl
+    monkeypatch.delenv("TILEATTN_PDL", raising=False)
+    assert not use_pdl(torch.device("cuda", 0))  # off until measured
+    monkeypatch.setenv("TILEATTN_PDL", "1")
+    assert not use_pdl(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_pdl(torch.device("cuda", 0))

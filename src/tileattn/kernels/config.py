@@ -119,6 +119,16 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def use_pdl(device: torch.device) -> bool:
+    """Whether decode-time kernels launch with programmatic dependent launch (sm_90+): the
+    kernel's programs may start while the previous kernel drains and wait (griddepcontrol.wait)
+    before reading what it wrote. TILEATTN_PDL=1 turns it on (off by default until measured);
+    never under the interpreter."""
+    if os.environ.get("TILEATTN_PDL", "0") != "1" or interpreting() or device.type != "cuda":
+        return False
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 

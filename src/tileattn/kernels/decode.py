@@ -18,8 +18,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .config import autotuned, autotuning, dot_precision, graph_bench, head_block, head_blocks, seqlen_bucket
+from .config import autotuned, autotuning, dot_precision, graph_bench, head_block, head_blocks, seqlen_bucket, use_pdl
 from .forward import alibi_batch_stride, check_offsets, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
@@ -81,8 +82,10 @@ def _decode_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # q, the lengths and the newest cache rows come from the kernels before this one
+        gdc_wait()
     start_r = tl.program_id(0) * BLOCK_M  # packed rows (query, head in group)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,6 +154,8 @@ def _decode_kernel(
                                            softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
                                            True, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
 
+    if PDL:  # the merge may start launching; it waits for this grid to finish before reading
+        gdc_launch_dependents()
     if SINK:  # the sink joins split 0's partial only, so the merge counts it once
         sink = tl.load(Sinks + head, mask=mask_r, other=0.0).to(tl.float32) * LOG2E
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.where(split == 0, sink, float("-inf")))
@@ -173,10 +178,12 @@ def _combine_kernel(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh,
     seqlen_q, heads, head_dim, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s(lse_s), one (b, query, head)
     row per program; splits that saw no key carry lse_s = -inf and weigh 0."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     b = (pid // seqlen_q).to(tl.int64)
     m = (pid % seqlen_q).to(tl.int64)
@@ -309,6 +316,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     wide = check_offsets(seqlen_q, q=q, out=out) | check_offsets(page_size, k_cache=k_cache, v_cache=v_cache)
     wide |= paged and max(k_cache.shape[0] * abs(k_cache.stride(0)), v_cache.shape[0] * abs(v_cache.stride(0))) >= 2**31
     dummy = seqlens_k  # unused pointer arguments
+    pdl = use_pdl(q.device)
     _decode[(m_tiles, batch * heads_kv, num_splits)](
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -321,7 +329,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
         HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision,
-        BLOCK_M=block_m,
+        BLOCK_M=block_m, PDL=pdl, launch_pdl=pdl,
     )
     if num_splits > 1:
         _combine_kernel[(batch * seqlen_q, heads)](
@@ -329,5 +337,6 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
             *out_split.stride()[:4], *lse_split.stride()[:3], *out.stride(), *lse.stride()[:2],
             seqlen_q, heads, head_dim, num_splits,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=head_block(head_dim), DOT_PRECISION=precision,
+            PDL=pdl, launch_pdl=pdl,
         )
     return out, lse

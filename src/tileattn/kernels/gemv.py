@@ -10,24 +10,35 @@ SM's loads in flight. The products accumulate in float32; the result has the inp
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..validation import check_tensor
-from .config import interpreting
+from .config import interpreting, use_pdl
 
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < n
     w_rows = W + rows[:, None].to(tl.int64) * stride_wn  # int64: a vocabulary projection passes 2**31 elements
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
+    first = 0
+    if PDL:  # weights never come from the previous kernel: read the first chunk while it drains
+        cols = tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + cols[None, :], mask=in_n[:, None] & (cols < k)[None, :], other=0.0)
+        gdc_wait()
+        x = tl.load(X + cols, mask=cols < k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        first = BLOCK_K
+    for start in range(first, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         in_k = cols < k
         w = tl.load(w_rows + cols[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0)
         x = tl.load(X + cols, mask=in_k, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if PDL:
+        gdc_launch_dependents()
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(Bias + rows, mask=in_n, other=0.0).to(tl.float32)
@@ -72,7 +83,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y
     x = x.reshape(k).contiguous()
     block_n, block_k, warps = gemv_config(n)
+    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
                                              weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             HAS_BIAS=bias is not None, num_warps=warps)
+                                             HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return y

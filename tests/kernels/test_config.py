@@ -37,11 +37,21 @@ def test_every_head_class_has_configs():
                 assert config._configs(kind, block_d, precision)
 
 
-def test_pdl_is_opt_in_and_never_interpreted(monkeypatch):
-    use_pdl = config.use_pdl
+def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TILEATTN_PDL", raising=False)
-    assert not use_pdl(torch.device("cuda", 0))  # off until measured
+    assert config.use_pdl(cuda)
+    assert config.pdl_launch(cuda) == dict(PDL=True, launch_pdl=True)
+    assert not config.use_pdl(torch.device("cpu"))
+    capability = (8, 0)
+    assert not config.use_pdl(cuda)
+    assert config.pdl_launch(cuda) == dict(PDL=False)  # no launch_pdl for Tritons without it
+    capability = (9, 0)
+    monkeypatch.setenv("TILEATTN_PDL", "0")
+    assert not config.use_pdl(cuda)
     monkeypatch.setenv("TILEATTN_PDL", "1")
-    assert not use_pdl(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not use_pdl(torch.device("cuda", 0))
+    assert not config.use_pdl(cuda)

@@ -18,9 +18,19 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .config import autotuned, autotuning, dot_precision, graph_bench, head_block, head_blocks, seqlen_bucket, use_pdl
+from .config import (
+    autotuned,
+    autotuning,
+    dot_precision,
+    gdc_launch_dependents,
+    gdc_wait,
+    graph_bench,
+    head_block,
+    head_blocks,
+    pdl_launch,
+    seqlen_bucket,
+)
 from .forward import alibi_batch_stride, check_offsets, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
@@ -316,7 +326,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     wide = check_offsets(seqlen_q, q=q, out=out) | check_offsets(page_size, k_cache=k_cache, v_cache=v_cache)
     wide |= paged and max(k_cache.shape[0] * abs(k_cache.stride(0)), v_cache.shape[0] * abs(v_cache.stride(0))) >= 2**31
     dummy = seqlens_k  # unused pointer arguments
-    pdl = use_pdl(q.device)
+    pdl = pdl_launch(q.device)
     _decode[(m_tiles, batch * heads_kv, num_splits)](
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -329,7 +339,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
         HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision,
-        BLOCK_M=block_m, PDL=pdl, launch_pdl=pdl,
+        BLOCK_M=block_m, **pdl,
     )
     if num_splits > 1:
         _combine_kernel[(batch * seqlen_q, heads)](
@@ -337,6 +347,6 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
             *out_split.stride()[:4], *lse_split.stride()[:3], *out.stride(), *lse.stride()[:2],
             seqlen_q, heads, head_dim, num_splits,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=head_block(head_dim), DOT_PRECISION=precision,
-            PDL=pdl, launch_pdl=pdl,
+            **pdl,
         )
     return out, lse

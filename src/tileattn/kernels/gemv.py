@@ -10,10 +10,9 @@ SM's loads in flight. The products accumulate in float32; the result has the inp
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..validation import check_tensor
-from .config import interpreting, use_pdl
+from .config import gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 
 
 @triton.jit
@@ -83,8 +82,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y
     x = x.reshape(k).contiguous()
     block_n, block_k, warps = gemv_config(n)
-    pdl = use_pdl(x.device)
+    pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
                                              weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+                                             HAS_BIAS=bias is not None, num_warps=warps, **pdl)
     return y

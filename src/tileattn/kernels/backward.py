@@ -24,6 +24,7 @@ from .tile import (
     mask_scores,
     mma,
     query_range,
+    query_tile,
     row_ptrs,
     score_tile,
     sequence,
@@ -277,7 +278,7 @@ def _bwd_dq_kernel(
     EVEN_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_tile(BLOCK_M, CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
     h = (pid_bh % heads).to(tl.int64)

@@ -16,6 +16,7 @@ from .tile import (
     key_range,
     load_kv,
     load_rows,
+    query_tile,
     row_ptrs,
     rows_desc,
     sequence,
@@ -68,7 +69,7 @@ def _fwd_kernel(
     SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_tile(BLOCK_M, CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
     h = (pid_bh % heads).to(tl.int64)

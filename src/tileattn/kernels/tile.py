@@ -312,6 +312,16 @@ def sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def query_tile(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """First query row of this program's tile (grid axis 0). Causal tiles further down see more
+    keys, so they run first: the grid then ends on light tiles instead of a tail of the heaviest."""
+    pid = tl.program_id(0)
+    if CAUSAL:
+        pid = tl.num_programs(0) - 1 - pid
+    return pid * BLOCK_M
+
+
+@triton.jit
 def key_range(first_q, last_q, seqlen_q, seqlen_k, window_left, window_right,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Key tiles for query rows [first_q, last_q]: (lo, full_lo, full_hi, hi).

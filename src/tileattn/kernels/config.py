@@ -28,10 +28,12 @@ _GPU_CONFIGS = {
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
         256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
     },
-    # dk/dv: a program owns BLOCK_N keys and streams BLOCK_M-query tiles past them
+    # dk/dv: a program owns BLOCK_N keys and streams BLOCK_M-query tiles past them. At 128-wide
+    # heads 64 x 64 with 8 warps took 2-2.3x the time of 4 warps (H100, d80 and d128), and 128 x 32
+    # with 8 warps 3.4-12x: spilling less (ptxas) was not faster; BENCHMARKS.md has the sweep
     "bwd_dkdv": {
         64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
-        128: [(64, 64, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (128, 32, 8, 2)],
+        128: [(64, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (64, 64, 8, 2)],
         256: [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
     },
     # dq: a program owns BLOCK_M queries and streams BLOCK_N-key tiles past them

@@ -96,14 +96,14 @@ def cases():
     yield "dq d128 dropout", "backward._bwd_dq_kernel", dq, _variants(DROPOUT=True, **d128), None
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(CAUSAL=False, **d128), dict(
         seqlen_q=1, seqlen_k=1)
-    decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16, PDL=False)
-    decode_cases = (("paged d128", d128, True), ("paged d80 split", d80, True), ("dense d128", d128, False))
-    for label, blocks, paged in decode_cases:
-        flags = _variants(**decode_flags, **blocks, PAGED=paged)
+    decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
+    decode_cases = (("paged d128", d128, True, False), ("paged d80 split", d80, True, False),
+                    ("dense d128", d128, False, False), ("dense d128, PDL", d128, False, True))
+    for label, blocks, paged, pdl in decode_cases:
+        flags = _variants(**decode_flags, **blocks, PAGED=paged, PDL=pdl)
         for key in ("DROPOUT", "VARLEN"):
             flags.pop(key)
         yield f"decode {label}", "decode._decode_kernel", dec, flags, None
-    yield "decode dense d128, PDL", "decode._decode_kernel", dec, flags | dict(PDL=True), None
     for n in (2560, 10240):  # both of gemv_config's choices
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):

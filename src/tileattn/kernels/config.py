@@ -101,6 +101,11 @@ def tile_width(meta: dict) -> int:
     return meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta.get("SPLIT_D") else 0)
 
 
+def _hopper(device: torch.device) -> bool:
+    """An NVIDIA GPU of compute capability 9.0 or later (TMA, programmatic dependent launch)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     """Whether a kernel streams these (batch, rows, heads, dim) tensors' tiles through Hopper's
     tensor memory accelerator (descriptors made on the device) instead of pointer tiles.
@@ -113,9 +118,7 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
         return False
     if not interpreting():
         x = tensors[0]
-        if not x.is_cuda or torch.version.hip is not None or x.dtype == torch.float32:
-            return False
-        if torch.cuda.get_device_capability(x.device)[0] < 9 or blocks["BLOCK_D"] != 128 or blocks["SPLIT_D"]:
+        if not _hopper(x.device) or x.dtype == torch.float32 or blocks["BLOCK_D"] != 128 or blocks["SPLIT_D"]:
             return False
     for t in tensors:
         size = t.element_size()
@@ -133,9 +136,8 @@ def use_pdl(device: torch.device) -> bool:
     took the split decode kernel and its merge at batch 1 x 8k from 2.70 to 2.77 TB/s and 1 x
     2.3k keys of Phi-2 from 2.32 to 2.51 (BENCHMARKS.md). TILEATTN_PDL=0 turns it off; never
     under the interpreter."""
-    if os.environ.get("TILEATTN_PDL", "1") == "0" or gdc_wait is None or interpreting() or device.type != "cuda":
-        return False
-    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TILEATTN_PDL", "1") != "0" and gdc_wait is not None and not interpreting() and \
+        _hopper(device)
 
 
 def pdl_launch(device: torch.device) -> dict:

@@ -16,6 +16,19 @@ from .config import gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 
 
 @triton.jit
+def _chunk(acc, w_rows, X, in_n, start, k, BLOCK_K: tl.constexpr, WAIT: tl.constexpr):
+    """acc += one K chunk of the weight rows times x. WAIT: wait for the previous kernel (PDL)
+    after loading the weights, which no kernel writes, and before loading x, which it does."""
+    cols = start + tl.arange(0, BLOCK_K)
+    in_k = cols < k
+    w = tl.load(w_rows + cols[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0)
+    if WAIT:
+        gdc_wait()
+    x = tl.load(X + cols, mask=in_k, other=0.0)
+    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -23,19 +36,11 @@ def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K:
     w_rows = W + rows[:, None].to(tl.int64) * stride_wn  # int64: a vocabulary projection passes 2**31 elements
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     first = 0
-    if PDL:  # weights never come from the previous kernel: read the first chunk while it drains
-        cols = tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + cols[None, :], mask=in_n[:, None] & (cols < k)[None, :], other=0.0)
-        gdc_wait()
-        x = tl.load(X + cols, mask=cols < k, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if PDL:  # the first chunk's weights load while the previous kernel drains
+        acc = _chunk(acc, w_rows, X, in_n, 0, k, BLOCK_K, True)
         first = BLOCK_K
     for start in range(first, k, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        in_k = cols < k
-        w = tl.load(w_rows + cols[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0)
-        x = tl.load(X + cols, mask=in_k, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc = _chunk(acc, w_rows, X, in_n, start, k, BLOCK_K, False)
     if PDL:
         gdc_launch_dependents()
     y = tl.sum(acc, 1)

@@ -56,6 +56,18 @@ def test_odd_head_dim_and_scale(backend):
     assert all(c.ok for c in checks), [str(c) for c in checks]
 
 
+SCALES = {"negative": -0.3, "zero": 0.0, "negative-softcap": -0.5}
+
+
+@pytest.mark.parametrize("scale", SCALES, ids=list(SCALES))
+def test_non_positive_scale(backend, scale):
+    """The forward kernels fold a positive scale into exp2; other scales must still be exact."""
+    q, k, v = make_qkv(2, 45, 70, 4, 2, 32, torch.float32)
+    variants = {"softcap": 3.0} if "softcap" in scale else {}
+    checks = check_attention(flash_attn_func, q, k, v, causal=True, softmax_scale=SCALES[scale], **variants)
+    assert all(c.ok for c in checks), [str(c) for c in checks]
+
+
 def test_deterministic_backward_is_bit_identical(backend):
     q, k, v = make_qkv(1, 113, 203, 8, 2, 64, torch.bfloat16)
     dout = torch.randn_like(q)

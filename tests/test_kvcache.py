@@ -139,6 +139,8 @@ VARIANTS = {
     "softcap-alibi": dict(softcap=1.5, alibi_slopes="batch"),
     "window-softcap-alibi": dict(window_size=(20, 0), softcap=2.0, alibi_slopes="batch"),
     "sink-window": dict(window_size=(9, 0), learnable_sink="heads"),
+    "negative-scale": dict(softmax_scale=-0.4),  # the kernels fold a positive scale into exp2
+    "zero-scale-softcap": dict(softmax_scale=0.0, softcap=2.0),
 }
 
 

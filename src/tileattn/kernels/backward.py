@@ -89,8 +89,8 @@ def _dkdv_tile(
     if SPLIT_D:
         qk = mma(k2, qt2, qk, DOT_PRECISION)
         dpt = mma(v2, tl.trans(do2), dpt, DOT_PRECISION)
-    st, th = score_tile(qk, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
-                        ALIBI)  # [BLOCK_N, BLOCK_M]
+    st, th, _ = score_tile(qk, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                           ALIBI)  # [BLOCK_N, BLOCK_M]
     if MASKED:
         st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                          WINDOW)
@@ -242,8 +242,8 @@ def _dq_tile(
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
         dp = mma(do2, vt2, dp, DOT_PRECISION)
-    s, th = score_tile(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
-                       ALIBI)
+    s, th, _ = score_tile(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                          ALIBI)
     if MASKED:
         s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)

@@ -31,7 +31,7 @@ from .config import (
     pdl_launch,
     seqlen_bucket,
 )
-from .forward import alibi_batch_stride, check_offsets, variant_args, variant_flags
+from .forward import alibi_batch_stride, check_offsets, positive_scale, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
@@ -303,6 +303,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    q, softmax_scale = positive_scale(q, softmax_scale)
     block_m = max(16, min(64, triton.next_power_of_2(seqlen_q * group)))
     m_tiles = triton.cdiv(seqlen_q * group, block_m)
     if num_splits <= 0:

@@ -169,6 +169,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    q, softmax_scale = positive_scale(q, softmax_scale)
     q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
@@ -190,6 +191,15 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
+
+
+def positive_scale(q, softmax_scale: float):
+    """(q, softmax_scale) with the scale made positive, which the forward kernels' folded exp2
+    assumes (score_tile's FOLD): a negative scale negates q instead, a zero one zeroes it. The
+    scores, and so out and the LSE, are the same."""
+    if softmax_scale > 0:
+        return q, softmax_scale
+    return (-q, -softmax_scale) if softmax_scale < 0 else (torch.zeros_like(q), 1.0)
 
 
 _UNBOUNDED = 1 << 30  # a window side of -1: farther than any sequence reaches

@@ -96,19 +96,28 @@ def _tanh_exp2(x):
 
 @triton.jit
 def score_tile(qk, q_idx, k_idx, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FOLD: tl.constexpr = False):
     """Raw q.k products -> base-2 scores: scale, then softcap, then ALiBi (slope already in
-    base 2). Also returns tanh of the capped argument, which the backward's chain rule needs.
-    SOFTCAP: 0 off, 1 exact tanh, 2 the GPU's approximate tanh (fp16/bf16 on CUDA)."""
+    base 2). Returns (s, th, c): th is tanh of the capped argument, which the backward's chain
+    rule needs. SOFTCAP: 0 off, 1 exact tanh, 2 the GPU's approximate tanh (fp16/bf16 on CUDA).
+
+    FOLD leaves the last factor c > 0 (the scale, or the cap) to the caller, which folds it into
+    its exp2 argument as one FMA (max(c * s) is c * max(s)): the score is s * c. Otherwise, and
+    with ALiBi (whose bias follows the factor), c = 1."""
     if SOFTCAP:
         th = tanh(qk * (qk_scale / (softcap * LOG2E)), SOFTCAP == 2)
-        s = th * (softcap * LOG2E)
+        c = softcap * LOG2E
     else:
         th = qk
-        s = qk * qk_scale
-    if ALIBI:
-        s = s - slope * tl.abs(q_idx + (seqlen_k - seqlen_q) - k_idx).to(tl.float32)
-    return s, th
+        c = qk_scale
+    if FOLD and not ALIBI:
+        s = th
+    else:
+        s = th * c
+        c = 1.0
+        if ALIBI:
+            s = s - slope * tl.abs(q_idx + (seqlen_k - seqlen_q) - k_idx).to(tl.float32)
+    return s, th, c
 
 
 @triton.jit
@@ -158,19 +167,19 @@ def dropout_keep(seed, offset, bh, rows, first_col, dropout_p, rescale, BLOCK_N:
 
 
 @triton.jit
-def online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
                         SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold one tile of base-2 scores s [M, N] and values v [N, D] (and v2 [N, D2], the head
-    dim's second part, with SPLIT_D) into (m, l, acc, acc2). With DROPOUT, keep [M, N] (0 or
-    1 / (1 - p)) scales the probabilities that reach acc; the sum l (and so the LSE) stays that
-    of the undropped softmax."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    """Fold one tile of base-2 scores s * c [M, N] (c > 0, see score_tile's FOLD) and values v
+    [N, D] (and v2 [N, D2], the head dim's second part, with SPLIT_D) into (m, l, acc, acc2).
+    With DROPOUT, keep [M, N] (0 or 1 / (1 - p)) scales the probabilities that reach acc; the
+    sum l (and so the LSE) stays that of the undropped softmax."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
     if MASKED:
         # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new_safe = m_new
-    p = tl.math.exp2(s - m_new_safe[:, None])
+    p = tl.math.exp2(s * c - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -259,14 +268,15 @@ def attend_tile(
     qk = mma(q, kt, None, DOT_PRECISION)
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
-    s, _ = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP, ALIBI)
+    s, _, c = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                         ALIBI, FOLD=True)
     if MASKED:
         s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)
     keep = 1.0
     if DROPOUT:
         keep = dropout_keep(seed, offset, bh, q_idx, first_col, dropout_p, rescale, cols.shape[0])
-    return online_softmax_fold(s, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION)
+    return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION)
 
 
 @triton.jit

@@ -102,10 +102,10 @@ def _dkdv_tile(
     else:
         pt_out = pt
     pt_out = cast(pt_out, do.dtype, DOT_PRECISION)
+    if SOFTCAP:  # the cap's derivative, applied now so the tanh tile dies before the products
+        pt = pt * (1.0 - th * th)
     dv = mma(pt_out, do, dv, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
-    if SOFTCAP:
-        dst = dst * (1.0 - th * th)
     dst = cast(dst, qt.dtype, DOT_PRECISION)
     dk = mma(dst, tl.trans(qt), dk, DOT_PRECISION)
     if SPLIT_D:
@@ -248,11 +248,11 @@ def _dq_tile(
         s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)
     p = tl.math.exp2(s - lse[:, None])
+    if SOFTCAP:  # the cap's derivative, applied now so the tanh tile dies early
+        p = p * (1.0 - th * th)
     if DROPOUT:
         dp = dp * dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, rescale, offs_n.shape[0])
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - th * th)
     ds = cast(ds, kt.dtype, DOT_PRECISION)
     dq = mma(ds, tl.trans(kt), dq, DOT_PRECISION)
     if SPLIT_D:

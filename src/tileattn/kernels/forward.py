@@ -195,11 +195,12 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
 
 def positive_scale(q, softmax_scale: float):
     """(q, softmax_scale) with the scale made positive, which the forward kernels' folded exp2
-    assumes (score_tile's FOLD): a negative scale negates q instead, a zero one zeroes it. The
-    scores, and so out and the LSE, are the same."""
+    assumes (score_tile's FOLD): a negative scale negates q instead, a zero one multiplies it by
+    0 (a NaN or inf in q stays NaN, as in scale * q.k). The scores, and so out and the LSE, are
+    the same."""
     if softmax_scale > 0:
         return q, softmax_scale
-    return (-q, -softmax_scale) if softmax_scale < 0 else (torch.zeros_like(q), 1.0)
+    return (-q, -softmax_scale) if softmax_scale < 0 else (q * 0.0, 1.0)
 
 
 _UNBOUNDED = 1 << 30  # a window side of -1: farther than any sequence reaches

@@ -61,6 +61,15 @@ def variants_bench(device, log, timer) -> tuple[list, list]:
     return [(window_shape, window, window_rows), (overhead_shape, overhead_rows)]
 
 
+def _div(x: float, base: float) -> float:
+    """x / base; 0 where the base timed as 0 (a toy backward lost in the CPU's timing noise)."""
+    return x / base if base > 0 else 0.0
+
+
+def _ratio(x: float, base: float, digits: int) -> str:
+    return f"{x / base:.{digits}f}" if base > 0 else "—"
+
+
 def variants_table(result) -> list[str]:
     (window_shape, window, window_rows), (overhead_shape, overhead_rows) = result
     seqlen = window_shape[1]
@@ -71,12 +80,13 @@ def variants_table(result) -> list[str]:
              "(forward / backward ms):", "",
              "| attention | fwd ms | bwd ms | vs full causal fwd, bwd | ideal |", "|---|---|---|---|---|",
              f"| causal | {full_f:.3f} | {full_b:.3f} | | |",
-             f"| {name} | {win_f:.3f} | {win_b:.3f} | {win_f / full_f:.3f}, {win_b / full_b:.3f} | {ideal:.3f} |", "",
+             f"| {name} | {win_f:.3f} | {win_b:.3f} | {_ratio(win_f, full_f, 3)}, {_ratio(win_b, full_b, 3)} | "
+             f"{ideal:.3f} |", "",
              f"Overhead against plain causal attention, {' x '.join(map(str, overhead_shape))}:", "",
              "| variant | fwd ms | bwd ms | fwd ratio | bwd ratio |", "|---|---|---|---|---|"]
     (_, plain_f, plain_b), *rest = overhead_rows
     lines.append(f"| plain causal | {plain_f:.3f} | {plain_b:.3f} | 1 | 1 |")
-    lines += [f"| {n} | {f:.3f} | {b:.3f} | {f / plain_f:.2f} | {b / plain_b:.2f} |" for n, f, b in rest]
+    lines += [f"| {n} | {f:.3f} | {b:.3f} | {_ratio(f, plain_f, 2)} | {_ratio(b, plain_b, 2)} |" for n, f, b in rest]
     return lines + [""]
 
 
@@ -93,8 +103,8 @@ def variants_plot(out_dir: str, result) -> None:
     (_, plain_f, plain_b), *rest = overhead_rows
     (_, full_f, full_b), (window_name, win_f, win_b) = window_rows
     names = [n for n, _, _ in rest] + [f"{window_name}\n(vs causal, {window_shape[1]} tokens)"]
-    fwd = [f / plain_f for _, f, _ in rest] + [win_f / full_f]
-    bwd = [b / plain_b for _, _, b in rest] + [win_b / full_b]
+    fwd = [_div(f, plain_f) for _, f, _ in rest] + [_div(win_f, full_f)]
+    bwd = [_div(b, plain_b) for _, _, b in rest] + [_div(win_b, full_b)]
     fig, ax = plt.subplots(figsize=(8, 4))
     y = range(len(names))
     ax.barh([i - 0.2 for i in y], fwd, height=0.4, label="forward")

@@ -5,6 +5,11 @@ crash, a ptxas error, a shape the layouts reject) would fail on the GPU too, whe
 is scarce. Run as a script, without TRITON_INTERPRET (the interpreter replaces the jit
 functions); test_sm90_compile.py does that. Prints one line per case and the registers,
 stack (spill) bytes and shared memory ptxas reports; exits 1 if any case failed.
+
+Arguments are specialized as a launch on contiguous, 16-byte aligned tensors specializes them
+(pointers and strides divisible by 16, the head dim's stride the constant 1): unspecialized,
+the pointer tiles compile to scalar loads the pipeliner leaves synchronous, with other register
+counts and spills than the GPU runs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _FLOATS = {"qk_scale", "softmax_scale", "softcap", "dropout_p", "rescale"}
 _INT_POINTERS = {"CuSeqQ", "CuSeqK", "SeqlensK", "BatchIdx", "LeftPad", "BlockTable"}
 _FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
+_DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "head_dim", "page_size", "n", "k"}  # at the shapes benchmarked
 
 
 def _kernel(name: str):
@@ -40,6 +46,9 @@ def _signature(fn, constexprs: dict, specialized: dict) -> dict:
         name = param.name
         if param.is_constexpr or name in specialized:
             sig[name] = "constexpr"
+        elif name.endswith("Desc"):  # host-made TMA descriptors (TMA == 2): [1, rows, 1, dim] blocks
+            rows = constexprs["BLOCK_M" if name[0] in "QO" else "BLOCK_N"]
+            sig[name] = f"tensordesc<bf16[1, {rows}, 1, {constexprs['BLOCK_D']}]>"
         elif name[0].isupper() and name != "SEQ_BUCKET":
             sig[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else "*bf16"
         else:
@@ -47,16 +56,36 @@ def _signature(fn, constexprs: dict, specialized: dict) -> dict:
     return sig
 
 
+def _launch_specialization(fn, specialized: dict) -> tuple[dict, dict]:
+    """(constants, attrs) a launch on contiguous aligned tensors gets: unit strides become the
+    constant 1, pointers, other strides and lengths are known divisible by 16."""
+    constants, attrs = {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr or name in specialized or param.do_not_specialize:
+            continue
+        if name.startswith("stride_") and name.endswith("d"):
+            constants[name] = 1
+        elif name.startswith("stride_") or name in _DIVISIBLE_INTS or (name[0].isupper() and name != "SEQ_BUCKET"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return constants, attrs
+
+
 def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | None = None) -> str:
     """Compile one kernel with one tile config; returns ptxas' resource line."""
     fn = _kernel(kernel)
     block_m, block_n, warps, stages = config
     constexprs = dict(flags, BLOCK_N=block_n, **({} if block_m is None else {"BLOCK_M": block_m}))
-    constexprs.update(specialized or {})  # integers Triton specializes (e.g. a length of 1)
+    specialized = dict(specialized or {})  # integers Triton specializes (e.g. a length of 1)
+    if flags.get("TMA") != 2:  # descriptors are passed as None
+        specialized.update({p.name: None for p in fn.params if p.name.endswith("Desc")})
+    unit_strides, attrs = _launch_specialization(fn, specialized)
+    specialized.update(unit_strides)
+    constexprs.update(specialized)
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
     if missing:  # Triton would compile them as None, i.e. off, without a word
         raise ValueError(f"{kernel}: no value for constexpr {missing}")
-    src = ASTSource(fn, _signature(fn, constexprs, specialized or {}), constexprs=constexprs)
+    src = ASTSource(fn, _signature(fn, constexprs, specialized), constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -79,17 +108,17 @@ def cases():
     at head dims 128 (TMA forward) and 80 (split), plus the variant and length-1 corners."""
     d128, d80 = head_blocks(128), head_blocks(80)
     fwd, dq, dkdv, dec = (_GPU_CONFIGS[k][128][0] for k in ("fwd", "bwd_dq", "bwd_dkdv", "decode"))
-    yield "fwd d128 causal TMA", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=True, **d128), None
+    yield "fwd d128 causal TMA", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=2, **d128), None
     yield "fwd d128 full TMA, seqlen 1", "forward._fwd_kernel", fwd, _variants(
-        CAUSAL=False, SINK=False, TMA=True, **d128), dict(seqlen_q=1, seqlen_k=1)
+        CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
-        VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=True, **d128), None
-    yield "fwd d80 split causal", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=False, **d80), None
+        VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
+    yield "fwd d80 split causal", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=0, **d80), None
     for label, blocks in (("d128", d128), ("d80 split", d80)):
         yield f"dq {label}", "backward._bwd_dq_kernel", dq, _variants(**blocks), None
         yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _variants(**blocks), None
     yield "fwd d128 pointers, 64-bit tile starts", "forward._fwd_kernel", fwd, _variants(
-        SINK=False, TMA=False, WIDE=True, **d128), None
+        SINK=False, TMA=0, WIDE=True, **d128), None
     yield "dk/dv d128, 64-bit tile starts", "backward._bwd_dkdv_kernel", dkdv, _variants(WIDE=True, **d128), None
     yield "dq d128, 64-bit tile starts", "backward._bwd_dq_kernel", dq, _variants(WIDE=True, **d128), None
     yield "dk/dv d128 dropout", "backward._bwd_dkdv_kernel", dkdv, _variants(DROPOUT=True, **d128), None

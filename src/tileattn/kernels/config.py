@@ -108,7 +108,8 @@ def _hopper(device: torch.device) -> bool:
 
 def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     """Whether a kernel streams these (batch, rows, heads, dim) tensors' tiles through Hopper's
-    tensor memory accelerator (descriptors made on the device) instead of pointer tiles.
+    tensor memory accelerator instead of pointer tiles (the kernel's launcher decides whether
+    its descriptors are made on the host or, per sequence, on the device).
 
     Needs an sm_90+ GPU, fp16/bf16, unit stride along the head dim and 16-byte aligned base and
     strides. On the H100 it paid at head dim 128 (forward +1-14%) and not at 64 or 80 (-5..+7%),
@@ -195,24 +196,29 @@ def graph_bench(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-def autotuned(kernel, kind: str):
+def autotuned(kernel, kind: str, prepare=None):
     """Wrap a kernel taking BLOCK_M/BLOCK_N constexprs with this module's config choice.
 
     Returns an object used like the kernel: ``wrapped[grid](*args, **kwargs)``, where grid may
-    be a function of the chosen meta-parameters.
+    be a function of the chosen meta-parameters. prepare(kwargs), when given, runs before each
+    launch with the keyword arguments and the chosen config's meta-parameters.
     """
+    hook = prepare
+    prepare = prepare or (lambda meta: None)
     tuners = {}
     fitting = {}  # (head class, precision) -> index of the first config that fits in shared memory
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():
             kwargs.update(_meta(*_INTERPRETER_CONFIG[kind]))
+            prepare(kwargs)
             return kernel[grid](*args, **kwargs)
         configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
         key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
             kwargs.update(_meta(block_m, block_n), num_warps=warps, num_stages=stages)
+            prepare(kwargs)
             try:
                 result = kernel[grid](*args, **kwargs)
             except (OutOfResources, PTXASError):
@@ -225,7 +231,7 @@ def autotuned(kernel, kind: str):
         key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
         if key not in tuners:
             tuners[key] = triton.autotune(
-                configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s)
+                configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s, pre_hook=hook)
                          for (m, n, w, s) in _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])],
                 key=_KEY + _EXTRA_KEY.get(kind, []),
                 do_bench=graph_bench if kind == "decode" else None,

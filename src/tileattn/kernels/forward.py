@@ -11,6 +11,8 @@ from .tile import (
     alibi_slope,
     attend_tile,
     cast,
+    desc_rows,
+    desc_store_rows,
     finish_softmax,
     fold_sink,
     key_range,
@@ -25,16 +27,22 @@ from .tile import (
 
 @triton.jit
 def _fwd_tile(
-    acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-    seed, offset, bh, dropout_p, rescale,
+    acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b, hk, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d,
+    mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+    window_right, seed, offset, bh, dropout_p, rescale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Load one K/V tile (k_src... are TMA descriptors with TMA, base pointers without) and fold it in."""
+    """Load one K/V tile (k_src... are TMA descriptors with TMA: with TMA == 2 over the whole
+    tensors, read at batch b and K/V head hk; base pointers without) and fold it in."""
     cols = start_n + offs_n
-    if TMA:  # rows past seqlen_k come back as zeros; MASKED tiles mask their scores
+    if TMA == 2:
+        kt = tl.trans(desc_rows(k_src, b, start_n, hk))
+        v = desc_rows(v_src, b, start_n, hk)
+        kt2 = kt
+        v2 = v
+    elif TMA:  # rows past seqlen_k come back as zeros; MASKED tiles mask their scores
         kt = tl.trans(k_src.load([start_n, 0]))
         v = v_src.load([start_n, 0])
         kt2 = kt
@@ -64,6 +72,7 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softcap, window_left, window_right,
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
+    QDesc, KDesc, VDesc, ODesc,  # with TMA == 2: host-made descriptors (keyword arguments), else None
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -90,7 +99,16 @@ def _fwd_kernel(
     v_src = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
     k2_src = k_src
     v2_src = v_src
-    if TMA:
+    b32 = b.to(tl.int32)  # TMA coordinates are 32-bit
+    hk32 = (h // group).to(tl.int32)
+    if TMA == 2:
+        q = desc_rows(QDesc, b32, start_m, h.to(tl.int32))
+        q2 = q
+        k_src = KDesc
+        v_src = VDesc
+        k2_src = KDesc
+        v2_src = VDesc
+    elif TMA:
         q = rows_desc(Q, seqlen_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, BLOCK_D2, False).load([start_m, 0])
         q2 = q
         if SPLIT_D:
@@ -110,21 +128,21 @@ def _fwd_kernel(
     lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
                                          window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
-                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
-                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
+                                        offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
                                         SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
-                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
-                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
+                                        offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
                                         SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
-        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, start_n, offs_m,
-                                        offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn,
-                                        stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
+        m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
+                                        offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
                                         SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
 
@@ -134,7 +152,9 @@ def _fwd_kernel(
     out = cast(out, Out.dtype.element_ty, DOT_PRECISION)
     out2 = cast(out2, Out.dtype.element_ty, DOT_PRECISION)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
-    if TMA:
+    if TMA == 2:
+        desc_store_rows(ODesc, b32, start_m, h.to(tl.int32), out)
+    elif TMA:
         rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, False).store([start_m, 0], out)
         if SPLIT_D:
             rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, True).store([start_m, 0], out2)
@@ -146,7 +166,29 @@ def _fwd_kernel(
     tl.store(Lse + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
-_fwd = autotuned(_fwd_kernel, "fwd")
+def _set_desc_blocks(meta: dict) -> None:
+    """Give the host-made descriptors the chosen config's block shapes (Triton compiles a kernel
+    per block shape, so they are set before each launch, autotuning's included)."""
+    if meta.get("QDesc") is not None:
+        for name, rows in (("QDesc", "BLOCK_M"), ("ODesc", "BLOCK_M"), ("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N")):
+            meta[name].block_shape = [1, meta[rows], 1, meta["BLOCK_D"]]
+
+
+_fwd = autotuned(_fwd_kernel, "fwd", prepare=_set_desc_blocks)
+
+
+def _host_descs(tma: bool, varlen: bool, blocks: dict, q4, k4, v4, o4) -> dict:
+    """Descriptors over the whole dense tensors, made once here instead of per program on the
+    device (TMA == 2); varlen sequences, a split head dim and empty K/V keep the device-made
+    ones (TMA == 1) or pointers."""
+    if not tma or varlen or blocks["SPLIT_D"] or k4.shape[1] == 0:
+        return dict(QDesc=None, KDesc=None, VDesc=None, ODesc=None, TMA=int(tma))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(x):  # block shapes are set per config by _set_desc_blocks
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16, 1, blocks["BLOCK_D"]])
+
+    return dict(QDesc=desc(q4), KDesc=desc(k4), VDesc=desc(v4), ODesc=desc(o4), TMA=2)
 
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -187,7 +229,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, TMA=use_tma(blocks, q4, k4, v4, o4), WIDE=wide,
+        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks,
+                                                                       q4, k4, v4, o4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

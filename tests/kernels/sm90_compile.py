@@ -47,7 +47,7 @@ def _signature(fn, constexprs: dict, specialized: dict) -> dict:
         if param.is_constexpr or name in specialized:
             sig[name] = "constexpr"
         elif name.endswith("Desc"):  # host-made TMA descriptors (TMA == 2): [1, rows, 1, dim] blocks
-            rows = constexprs["BLOCK_M" if name[0] in "QO" else "BLOCK_N"]
+            rows = constexprs["BLOCK_M" if name in ("QDesc", "ODesc", "DODesc") else "BLOCK_N"]
             sig[name] = f"tensordesc<bf16[1, {rows}, 1, {constexprs['BLOCK_D']}]>"
         elif name[0].isupper() and name != "SEQ_BUCKET":
             sig[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else "*bf16"
@@ -62,7 +62,7 @@ def _launch_specialization(fn, specialized: dict) -> tuple[dict, dict]:
     constants, attrs = {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
-        if param.is_constexpr or name in specialized or param.do_not_specialize:
+        if param.is_constexpr or name in specialized or param.do_not_specialize or name.endswith("Desc"):
             continue
         if name.startswith("stride_") and name.endswith("d"):
             constants[name] = 1

@@ -130,6 +130,28 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def host_descriptors(block_d: int, **tensors) -> dict:
+    """TMA descriptors over whole (batch, rows, heads, dim) tensors, made on the host once per
+    launch (the kernels read [1, rows, 1, dim] blocks at (batch, row, head, 0)); their block
+    shapes are set per tile config by desc_block_setter's hook."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return {name: TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16, 1, block_d])
+            for name, x in tensors.items()}
+
+
+def desc_block_setter(**rows):
+    """A prepare hook for autotuned(): gives each host descriptor argument (name -> "BLOCK_M" or
+    "BLOCK_N", its rows) the chosen config's block shape. Triton compiles one kernel per block
+    shape, so this runs before every launch, the autotuner's trial launches included."""
+    def prepare(meta: dict) -> None:
+        for name, block in rows.items():
+            if meta.get(name) is not None:
+                meta[name].block_shape = [1, meta[block], 1, meta["BLOCK_D"]]
+
+    return prepare
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether decode-time kernels launch with programmatic dependent launch (sm_90+): the
     kernel's programs may start while the previous kernel drains and wait (griddepcontrol.wait)

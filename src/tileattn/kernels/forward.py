@@ -5,14 +5,13 @@ import triton
 import triton.language as tl
 
 from ..layout import lse_shape
-from .config import autotuned, dot_precision, head_blocks, seqlen_bucket, use_tma
+from .config import autotuned, desc_block_setter, dot_precision, head_blocks, host_descriptors, seqlen_bucket, use_tma
 from .tile import (
     LOG2E,
     alibi_slope,
     attend_tile,
     cast,
     desc_rows,
-    desc_store_rows,
     finish_softmax,
     fold_sink,
     key_range,
@@ -72,7 +71,7 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softcap, window_left, window_right,
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
-    QDesc, KDesc, VDesc, ODesc,  # with TMA == 2: host-made descriptors (keyword arguments), else None
+    KDesc, VDesc,  # with TMA == 2: host-made descriptors (keyword arguments), else None
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -101,9 +100,9 @@ def _fwd_kernel(
     v2_src = v_src
     b32 = b.to(tl.int32)  # TMA coordinates are 32-bit
     hk32 = (h // group).to(tl.int32)
-    if TMA == 2:
-        q = desc_rows(QDesc, b32, start_m, h.to(tl.int32))
-        q2 = q
+    if TMA == 2:  # Q and O go through pointers: one tile each, not worth a descriptor's launch cost
+        q, q2 = load_rows(row_ptrs(Q, start_m, tl.arange(0, BLOCK_M), stride_qm, WIDE)[:, None], offs_d, offs_d2,
+                          mask_m, mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
         k_src = KDesc
         v_src = VDesc
         k2_src = KDesc
@@ -152,9 +151,7 @@ def _fwd_kernel(
     out = cast(out, Out.dtype.element_ty, DOT_PRECISION)
     out2 = cast(out2, Out.dtype.element_ty, DOT_PRECISION)
     Out += b * stride_ob + q_start * stride_om + h * stride_oh
-    if TMA == 2:
-        desc_store_rows(ODesc, b32, start_m, h.to(tl.int32), out)
-    elif TMA:
+    if TMA == 1:
         rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, False).store([start_m, 0], out)
         if SPLIT_D:
             rows_desc(Out, seqlen_q, head_dim, stride_om, BLOCK_M, BLOCK_D, BLOCK_D2, True).store([start_m, 0], out2)
@@ -166,15 +163,8 @@ def _fwd_kernel(
     tl.store(Lse + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
-def _set_desc_blocks(meta: dict) -> None:
-    """Give the host-made descriptors the chosen config's block shapes (Triton compiles a kernel
-    per block shape, so they are set before each launch, autotuning's included)."""
-    if meta.get("QDesc") is not None:
-        for name, rows in (("QDesc", "BLOCK_M"), ("ODesc", "BLOCK_M"), ("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N")):
-            meta[name].block_shape = [1, meta[rows], 1, meta["BLOCK_D"]]
-
-
-_fwd = autotuned(_fwd_kernel, "fwd", prepare=_set_desc_blocks)
+DESC_ROWS = dict(KDesc="BLOCK_N", VDesc="BLOCK_N")  # host descriptors' block rows
+_fwd = autotuned(_fwd_kernel, "fwd", prepare=desc_block_setter(**DESC_ROWS))
 
 
 def _host_descs(tma: bool, varlen: bool, blocks: dict, q4, k4, v4, o4) -> dict:
@@ -182,13 +172,8 @@ def _host_descs(tma: bool, varlen: bool, blocks: dict, q4, k4, v4, o4) -> dict:
     device (TMA == 2); varlen sequences, a split head dim and empty K/V keep the device-made
     ones (TMA == 1) or pointers."""
     if not tma or varlen or blocks["SPLIT_D"] or k4.shape[1] == 0:
-        return dict(QDesc=None, KDesc=None, VDesc=None, ODesc=None, TMA=int(tma))
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def desc(x):  # block shapes are set per config by _set_desc_blocks
-        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16, 1, blocks["BLOCK_D"]])
-
-    return dict(QDesc=desc(q4), KDesc=desc(k4), VDesc=desc(v4), ODesc=desc(o4), TMA=2)
+        return dict(KDesc=None, VDesc=None, TMA=int(tma))
+    return dict(host_descriptors(blocks["BLOCK_D"], KDesc=k4, VDesc=v4), TMA=2)
 
 
 def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,

@@ -216,12 +216,6 @@ def desc_rows(desc, b, row, h):
 
 
 @triton.jit
-def desc_store_rows(desc, b, row, h, x):
-    """Store a [rows, dim] tile through a descriptor as desc_rows reads one."""
-    desc.store([b, row, h, 0], tl.reshape(x, [1, x.shape[0], 1, x.shape[1]]))
-
-
-@triton.jit
 def row_ptrs(base, start, offs, stride, WIDE: tl.constexpr):
     """Pointers to rows start + offs. WIDE (a sequence's offsets pass 2**31 elements: 1M tokens
     of 16 heads x 128) folds the tile's first row into the base in 64 bits, offsets inside the

@@ -218,25 +218,29 @@ def graph_bench(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-def autotuned(kernel, kind: str, prepare=None):
+def autotuned(kernel, kind: str, prepare=None, usable=None):
     """Wrap a kernel taking BLOCK_M/BLOCK_N constexprs with this module's config choice.
 
     Returns an object used like the kernel: ``wrapped[grid](*args, **kwargs)``, where grid may
     be a function of the chosen meta-parameters. prepare(kwargs), when given, runs before each
-    launch with the keyword arguments and the chosen config's meta-parameters.
+    launch with the keyword arguments and the chosen config's meta-parameters; usable(config,
+    kwargs), when given, drops configs that cannot serve these arguments before any compiles.
     """
     hook = prepare
     prepare = prepare or (lambda meta: None)
     tuners = {}
-    fitting = {}  # (head class, precision) -> index of the first config that fits in shared memory
+    fitting = {}  # config list -> index of the first config that fits in shared memory
+
+    def configs_for(kwargs) -> tuple:
+        configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
+        return tuple(c for c in configs if usable is None or usable(c, kwargs))
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():
             kwargs.update(_meta(*_INTERPRETER_CONFIG[kind]))
             prepare(kwargs)
             return kernel[grid](*args, **kwargs)
-        configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
-        key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
+        configs = key = configs_for(kwargs)
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
             kwargs.update(_meta(block_m, block_n), num_warps=warps, num_stages=stages)
@@ -250,11 +254,10 @@ def autotuned(kernel, kind: str, prepare=None):
         raise RuntimeError(f"no {kind} tile config fits this GPU for head-dim tiles of {tile_width(kwargs)} columns")
 
     def launch_tuned(grid, args, kwargs):
-        key = (_head_class(tile_width(kwargs)), kwargs["DOT_PRECISION"])
+        key = configs_for(kwargs)
         if key not in tuners:
             tuners[key] = triton.autotune(
-                configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s, pre_hook=hook)
-                         for (m, n, w, s) in _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])],
+                configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s, pre_hook=hook) for (m, n, w, s) in key],
                 key=_KEY + _EXTRA_KEY.get(kind, []),
                 do_bench=graph_bench if kind == "decode" else None,
             )(kernel)

@@ -164,7 +164,15 @@ def _fwd_kernel(
 
 
 DESC_ROWS = dict(KDesc="BLOCK_N", VDesc="BLOCK_N")  # host descriptors' block rows
-_fwd = autotuned(_fwd_kernel, "fwd", prepare=desc_block_setter(**DESC_ROWS))
+
+
+def _usable(config: tuple, meta: dict) -> bool:
+    """Triton 3.6's ptxas crashes (segfault) on every 2-stage config with host descriptors
+    (sm_90a, found compiling offline); they need 3 stages or more."""
+    return meta["TMA"] != 2 or config[3] >= 3
+
+
+_fwd = autotuned(_fwd_kernel, "fwd", prepare=desc_block_setter(**DESC_ROWS), usable=_usable)
 
 
 def _host_descs(tma: bool, varlen: bool, blocks: dict, q4, k4, v4, o4) -> dict:

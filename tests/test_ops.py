@@ -42,16 +42,31 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_calls_needing_no_gradient_skip_the_dispatcher(backend, monkeypatch):
+def test_eager_calls_skip_the_dispatcher(backend, monkeypatch):
+    """No gradient: the implementation directly; eager autograd: a plain autograd.Function
+    (torch.compile keeps the registered op: test_compile_fullgraph)."""
     q, k, v = make_qkv(1, 9, 9, 2, 1, 16)
     args = (None, None, 0, 0, 0.25, True, False, -1, -1, 0.0, 0.0, 0, 0, None, None)
     want = ops.fwd_op(q, k, v, *args)
     dispatched = []
     op = ops.fwd_op
     monkeypatch.setattr(ops, "fwd_op", lambda *a: dispatched.append(1) or op(*a))
-    got = ops.fwd(q, k, v, *args)  # nothing requires grad: the implementation directly
+    got = ops.fwd(q, k, v, *args)
     assert not dispatched and all(torch.equal(a, b) for a, b in zip(got, want))
-    ops.fwd(q.requires_grad_(), k, v, *args)  # autograd needs the op
+    out, _ = ops.fwd(q.requires_grad_(), k, v, *args)
+    assert not dispatched and type(out.grad_fn).__name__ == "_EagerAttentionBackward"
     with torch.no_grad():
         ops.fwd(q, k, v, *args)
-    assert len(dispatched) == 1
+    assert not dispatched
+
+
+def test_eager_autograd_matches_the_registered_op(backend):
+    """The eager autograd.Function and the op's registered autograd give the same gradients,
+    the sink's included."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 13, 17, 4, 2, 16))
+    sink = torch.randn(4, device=q.device, requires_grad=True)
+    args = (None, None, 0, 0, 0.25, True, False, -1, -1, 0.0, 0.0, 0, 0, None, sink)
+    dout = torch.randn(q.shape, device=q.device)
+    grads = [torch.autograd.grad(f(q, k, v, *args)[0], (q, k, v, sink), dout) for f in (ops.fwd, ops.fwd_op)]
+    for eager, registered in zip(*grads):
+        torch.testing.assert_close(eager, registered, rtol=0, atol=0)

@@ -24,6 +24,16 @@ from .layout import lse_shape
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # e.g. a model's sinks are Parameters
 
 
+def _eager(*tensors) -> bool:
+    """Whether a call that wants gradients may use a plain autograd.Function instead of the
+    registered op: eager, plain tensors. The custom op's autograd wrapper re-binds every
+    argument through Python on each call (torch._library's fill_defaults: ~120 of the ~160 us
+    a forward cost on a CPU here, the kernel mocked out), which short training steps feel."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def _direct(*tensors) -> bool:
     """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted
     (torch.func transforms track gradients without requires_grad, so they take the op)."""
@@ -43,6 +53,8 @@ def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax
             window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink)
     if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink):
         return _fwd(*args)
+    if _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink):
+        return _EagerAttention.apply(*args)
     return fwd_op(*args)
 
 
@@ -84,8 +96,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
-@torch.library.custom_op("tileattn::bwd", mutates_args=())
-def bwd(
+def _bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,6 +126,9 @@ def bwd(
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
+bwd = torch.library.custom_op("tileattn::bwd", _bwd, mutates_args=())
+
+
 @bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
       deterministic, window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes):
@@ -141,9 +155,9 @@ def _sink_grad(dout, out, lse, sink, varlen: bool):
     return grad.sum(1) if varlen else grad.sum((0, 2))
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, backward_op=bwd):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
+    dq, dk, dv = backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
     dsink = None
     if learnable_sink is not None and ctx.needs_input_grad[-1]:
         dsink = _sink_grad(dout, out, lse, learnable_sink, cu_seqlens_q is not None).to(learnable_sink.dtype)
@@ -151,6 +165,20 @@ def _backward(ctx, dout, dlse):
 
 
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """fwd_op's forward and backward, for eager calls that want gradients (see ``_eager``)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = _fwd(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, backward_op=_bwd)
 
 
 def fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,

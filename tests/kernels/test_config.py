@@ -41,17 +41,21 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
     cuda = torch.device("cuda", 0)
     capability = (9, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    config._hopper_index.cache_clear()  # the capability is cached per device; this test changes it
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TILEATTN_PDL", raising=False)
     assert config.use_pdl(cuda)
     assert config.pdl_launch(cuda) == dict(PDL=True, launch_pdl=True)
     assert not config.use_pdl(torch.device("cpu"))
     capability = (8, 0)
+    config._hopper_index.cache_clear()
     assert not config.use_pdl(cuda)
     assert config.pdl_launch(cuda) == dict(PDL=False)  # no launch_pdl for Tritons without it
     capability = (9, 0)
+    config._hopper_index.cache_clear()
     monkeypatch.setenv("TILEATTN_PDL", "0")
     assert not config.use_pdl(cuda)
     monkeypatch.setenv("TILEATTN_PDL", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not config.use_pdl(cuda)
+    config._hopper_index.cache_clear()  # leave no fake capability behind

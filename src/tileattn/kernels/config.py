@@ -103,7 +103,14 @@ def tile_width(meta: dict) -> int:
 
 def _hopper(device: torch.device) -> bool:
     """An NVIDIA GPU of compute capability 9.0 or later (TMA, programmatic dependent launch)."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type != "cuda":
+        return False
+    return _hopper_index(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_index(index: int) -> bool:  # asked on every launch; the capability query is not free
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:

@@ -60,13 +60,13 @@ def test_offsets_inside_a_tile_must_fit_32_bits():
 def test_dense_tma_descriptors_are_made_on_the_host():
     """Dense inputs get K/V descriptors from the launcher; varlen, split head dims and an empty
     K/V keep the per-sequence device-made ones; block shapes follow the tile config."""
-    q, k, v = make_qkv(2, 33, 17, 4, 2, 64)
-    dense = _host_descs(True, False, head_blocks(64), q, k, v, q)
+    _, k, v = make_qkv(2, 33, 17, 4, 2, 64)
+    dense = _host_descs(True, False, head_blocks(64), k, v)
     assert dense["TMA"] == 2 and dense["KDesc"].shape == [2, 17, 2, 64]
-    assert _host_descs(True, True, head_blocks(64), q, k, v, q)["TMA"] == 1
-    assert _host_descs(True, False, head_blocks(80), q, k, v, q)["TMA"] == 1
-    assert _host_descs(True, False, head_blocks(64), q, k[:, :0], v[:, :0], q)["TMA"] == 1
-    assert _host_descs(False, False, head_blocks(64), q, k, v, q) == dict(KDesc=None, VDesc=None, TMA=0)
+    assert _host_descs(True, True, head_blocks(64), k, v)["TMA"] == 1
+    assert _host_descs(True, False, head_blocks(80), k, v)["TMA"] == 1
+    assert _host_descs(True, False, head_blocks(64), k[:, :0], v[:, :0])["TMA"] == 1
+    assert _host_descs(False, False, head_blocks(64), k, v) == dict(KDesc=None, VDesc=None, TMA=0)
     meta = dict(dense, BLOCK_M=64, BLOCK_N=32, BLOCK_D=64)
     desc_block_setter(**DESC_ROWS)(meta)
     assert meta["KDesc"].block_shape == meta["VDesc"].block_shape == [1, 32, 1, 64]

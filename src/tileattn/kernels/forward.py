@@ -175,10 +175,10 @@ def _usable(config: tuple, meta: dict) -> bool:
 _fwd = autotuned(_fwd_kernel, "fwd", prepare=desc_block_setter(**DESC_ROWS), usable=_usable)
 
 
-def _host_descs(tma: bool, varlen: bool, blocks: dict, q4, k4, v4, o4) -> dict:
-    """Descriptors over the whole dense tensors, made once here instead of per program on the
-    device (TMA == 2); varlen sequences, a split head dim and empty K/V keep the device-made
-    ones (TMA == 1) or pointers."""
+def _host_descs(tma: bool, varlen: bool, blocks: dict, k4, v4) -> dict:
+    """K/V descriptors over the whole dense tensors, made once here instead of per program on
+    the device (TMA == 2); varlen sequences, a split head dim and empty K/V keep the
+    device-made ones (TMA == 1) or pointers."""
     if not tma or varlen or blocks["SPLIT_D"] or k4.shape[1] == 0:
         return dict(KDesc=None, VDesc=None, TMA=int(tma))
     return dict(host_descriptors(blocks["BLOCK_D"], KDesc=k4, VDesc=v4), TMA=2)
@@ -223,7 +223,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
         DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks,
-                                                                       q4, k4, v4, o4), WIDE=wide,
+                                                                       k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

@@ -6,8 +6,10 @@ ops so torch.compile traces through callers (fullgraph=True) without looking ins
 ``fwd`` and ``fwd_kvcache`` are what callers use: in eager mode, when no input needs a gradient
 (inference, prefill, decode), they call the implementation directly, because the custom-op
 dispatcher costs tens of microseconds per call (once per layer per token in generation) and
-has nothing to do there. Compiling, autograd and tensor subclasses (fake tensors) go through
-the registered ops ``fwd_op`` and ``fwd_kvcache_op``.
+has nothing to do there; eager calls that want gradients take ``_EagerAttention``, a plain
+autograd.Function over the same forward and backward. Compiling, functorch transforms and
+tensor subclasses (fake tensors) go through the registered ops ``fwd_op`` and
+``fwd_kvcache_op``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
+from tileattn.kernels.forward import SPLIT_DEFAULT
 from tileattn.kernels.gemv import gemv_config
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -113,7 +114,7 @@ def cases():
         CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
-    yield "fwd d80 split causal", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=0, **d80), None
+    yield "fwd d80 split causal", "forward._fwd_kernel", SPLIT_DEFAULT, _variants(SINK=False, TMA=0, **d80), None
     for label, blocks in (("d128", d128), ("d80 split", d80)):
         yield f"dq {label}", "backward._bwd_dq_kernel", dq, _variants(**blocks), None
         yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _variants(**blocks), None

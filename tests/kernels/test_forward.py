@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tileattn import kernels
+from tileattn.kernels import config
 from tileattn.kernels.config import desc_block_setter, head_blocks
-from tileattn.kernels.forward import DESC_ROWS, _host_descs, _usable, check_offsets
+from tileattn.kernels.forward import DESC_ROWS, SPLIT_DEFAULT, _host_descs, _select, check_offsets
 from tileattn.reference import attention_ref
 
 from ..helpers import DEVICE, make_qkv, shape_id
@@ -70,5 +71,15 @@ def test_dense_tma_descriptors_are_made_on_the_host():
     meta = dict(dense, BLOCK_M=64, BLOCK_N=32, BLOCK_D=64)
     desc_block_setter(**DESC_ROWS)(meta)
     assert meta["KDesc"].block_shape == meta["VDesc"].block_shape == [1, 32, 1, 64]
-    # 2-stage pipelines crash Triton 3.6's ptxas with host descriptors: never compiled for them
-    assert not _usable((128, 128, 8, 2), dict(TMA=2)) and _usable((128, 128, 8, 2), dict(TMA=1))
+
+
+def test_forward_config_selection():
+    """2-stage pipelines crash Triton 3.6's ptxas with host descriptors: never compiled for
+    them; split head dims (80, 96) take their own untuned default first; the set is unchanged."""
+    configs = config._GPU_CONFIGS["fwd"][128]
+    host = _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=False))
+    assert host and all(stages >= 3 for *_, stages in host) and len(host) < len(configs)
+    assert _select(configs, dict(TMA=0, SPLIT_D=False, DROPOUT=False)) == list(configs)
+    split = _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=False))
+    assert split[0] == SPLIT_DEFAULT and sorted(split) == sorted(configs)
+    assert _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=True)) == list(configs)

@@ -225,13 +225,14 @@ def graph_bench(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-def autotuned(kernel, kind: str, prepare=None, usable=None):
+def autotuned(kernel, kind: str, prepare=None, select=None):
     """Wrap a kernel taking BLOCK_M/BLOCK_N constexprs with this module's config choice.
 
     Returns an object used like the kernel: ``wrapped[grid](*args, **kwargs)``, where grid may
     be a function of the chosen meta-parameters. prepare(kwargs), when given, runs before each
-    launch with the keyword arguments and the chosen config's meta-parameters; usable(config,
-    kwargs), when given, drops configs that cannot serve these arguments before any compiles.
+    launch with the keyword arguments and the chosen config's meta-parameters; select(configs,
+    kwargs), when given, returns the configs these arguments may use, first the untuned default
+    (dropping those that cannot serve them before any compiles).
     """
     hook = prepare
     prepare = prepare or (lambda meta: None)
@@ -240,7 +241,7 @@ def autotuned(kernel, kind: str, prepare=None, usable=None):
 
     def configs_for(kwargs) -> tuple:
         configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
-        return tuple(c for c in configs if usable is None or usable(c, kwargs))
+        return tuple(configs if select is None else select(configs, kwargs))
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():

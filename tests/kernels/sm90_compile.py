@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
-from tileattn.kernels.forward import SPLIT_DEFAULT
+from tileattn.kernels.forward import HOST_TMA_DEFAULT, SPLIT_DEFAULT
 from tileattn.kernels.gemv import gemv_config
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -109,8 +109,8 @@ def cases():
     at head dims 128 (TMA forward) and 80 (split), plus the variant and length-1 corners."""
     d128, d80 = head_blocks(128), head_blocks(80)
     fwd, dq, dkdv, dec = (_GPU_CONFIGS[k][128][0] for k in ("fwd", "bwd_dq", "bwd_dkdv", "decode"))
-    yield "fwd d128 causal TMA", "forward._fwd_kernel", fwd, _variants(SINK=False, TMA=2, **d128), None
-    yield "fwd d128 full TMA, seqlen 1", "forward._fwd_kernel", fwd, _variants(
+    yield "fwd d128 causal TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(SINK=False, TMA=2, **d128), None
+    yield "fwd d128 full TMA, seqlen 1", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
         CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None

@@ -6,7 +6,7 @@ import torch
 from tileattn import kernels
 from tileattn.kernels import config
 from tileattn.kernels.config import desc_block_setter, head_blocks
-from tileattn.kernels.forward import DESC_ROWS, SPLIT_DEFAULT, _host_descs, _select, check_offsets
+from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT, _host_descs, _select, check_offsets
 from tileattn.reference import attention_ref
 
 from ..helpers import DEVICE, make_qkv, shape_id
@@ -75,10 +75,12 @@ def test_dense_tma_descriptors_are_made_on_the_host():
 
 def test_forward_config_selection():
     """2-stage pipelines crash Triton 3.6's ptxas with host descriptors: never compiled for
-    them; split head dims (80, 96) take their own untuned default first; the set is unchanged."""
+    them; host descriptors and split head dims (80, 96) take their own untuned default first,
+    except with dropout; the set is otherwise unchanged."""
     configs = config._GPU_CONFIGS["fwd"][128]
     host = _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=False))
-    assert host and all(stages >= 3 for *_, stages in host) and len(host) < len(configs)
+    assert host[0] == HOST_TMA_DEFAULT and all(stages >= 3 for *_, stages in host) and len(host) < len(configs)
+    assert _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=True))[0] == configs[0]
     assert _select(configs, dict(TMA=0, SPLIT_D=False, DROPOUT=False)) == list(configs)
     split = _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=False))
     assert split[0] == SPLIT_DEFAULT and sorted(split) == sorted(configs)

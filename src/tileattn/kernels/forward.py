@@ -174,8 +174,8 @@ def _select(configs, meta: dict) -> list:
     """The forward's configs for these arguments. Triton 3.6's ptxas crashes (segfault) on every
     2-stage config with host descriptors (sm_90a, found compiling offline), so those need 3
     stages or more. A split head dim (80, 96) defaults to 4 warps: timed alone on an H100,
-    (128, 64, 4, 3) beat the 128-wide default (128, 64, 8, 3) by 9-25% causal at 1k-8k for d80
-    and d96 (equal at d80 non-causal 4k); not with dropout, whose Philox state spills there.
+    (128, 64, 4, 3) beat the 128-wide default (128, 64, 8, 3) by 11-30% causal at 1k-8k for d80
+    and d96 (non-causal 4k: d96 +9%, d80 equal); not with dropout, whose Philox state spills.
     With host descriptors (d128) the default is (128, 128, 8, 3), +4-12% over (128, 64, 8, 3)
     timed alone; not with dropout, which needs 288 KiB of shared memory there."""
     configs = [c for c in configs if meta["TMA"] != 2 or c[3] >= 3]

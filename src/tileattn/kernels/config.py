@@ -21,7 +21,8 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M indexes queries, BLOCK_N keys.
-# The first entry of each list is the heuristic default.
+# The first entry of each list is the heuristic default (a kernel's select hook may put another
+# first: the forward does for split head dims and for host descriptors).
 _GPU_CONFIGS = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],

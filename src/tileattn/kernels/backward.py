@@ -55,18 +55,18 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.constexpr, NATURAL: tl.constexpr):
-    """LSE (base 2, or as stored with NATURAL) and delta for query rows. Rows past the end, and
-    rows that saw no key (LSE = -inf), get LSE = +inf so their recomputed probabilities are 0."""
+def _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, CHECK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """LSE and delta for query rows, the LSE in the units _probs subtracts it in (natural for
+    fp32, base 2 otherwise). Rows past the end, and rows that saw no key (LSE = -inf), get
+    LSE = +inf so their recomputed probabilities are 0."""
     if CHECK_ROWS:
         lse = tl.load(Lse + bh_offset + rows, mask=rows < seqlen_q, other=float("inf"))
         delta = tl.load(Delta + bh_offset + rows, mask=rows < seqlen_q, other=0.0)
     else:
         lse = tl.load(Lse + bh_offset + rows)
         delta = tl.load(Delta + bh_offset + rows)
-    if not NATURAL:
-        lse = lse * LOG2E
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    scale = 1.0 if DOT_PRECISION == "ieee" else LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * scale)
     return lse, delta
 
 
@@ -98,7 +98,7 @@ def _dkdv_tile(
                         mask_d2, stride_qd, MASKED, EVEN_D, SPLIT_D)
     do, do2 = load_rows(row_ptrs(do_base, start_m, offs_m, stride_dom, WIDE)[:, None], offs_d, offs_d2, in_q, mask_d,
                         mask_d2, stride_dod, MASKED, EVEN_D, SPLIT_D)
-    lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED, DOT_PRECISION == "ieee")
+    lse, delta = _load_row_stats(Lse, Delta, bh_offset, rows, seqlen_q, MASKED, DOT_PRECISION)
     qk = mma(k, qt, None, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
     if SPLIT_D:
@@ -318,7 +318,7 @@ def _bwd_dq_kernel(
     do, do2 = load_rows(row_ptrs(DOut, start_m, tile_m, stride_dom, WIDE)[:, None], offs_d, offs_d2, mask_m, mask_d,
                         mask_d2, stride_dod, True, EVEN_D, SPLIT_D)
     lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q, True,
-                                 DOT_PRECISION == "ieee")
+                                 DOT_PRECISION)
     k_base = K + b * stride_kb + k_start * stride_kn + (h // group) * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + (h // group) * stride_vh
 

@@ -100,14 +100,7 @@ def _fwd_kernel(
     v2_src = v_src
     b32 = b.to(tl.int32)  # TMA coordinates are 32-bit
     hk32 = (h // group).to(tl.int32)
-    if TMA == 2:  # Q and O go through pointers: one tile each, not worth a descriptor's launch cost
-        q, q2 = load_rows(row_ptrs(Q, start_m, tl.arange(0, BLOCK_M), stride_qm, WIDE)[:, None], offs_d, offs_d2,
-                          mask_m, mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
-        k_src = KDesc
-        v_src = VDesc
-        k2_src = KDesc
-        v2_src = VDesc
-    elif TMA:
+    if TMA == 1:
         q = rows_desc(Q, seqlen_q, head_dim, stride_qm, BLOCK_M, BLOCK_D, BLOCK_D2, False).load([start_m, 0])
         q2 = q
         if SPLIT_D:
@@ -116,9 +109,14 @@ def _fwd_kernel(
             v2_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, True)
         k_src = rows_desc(k_src, seqlen_k, head_dim, stride_kn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
         v_src = rows_desc(v_src, seqlen_k, head_dim, stride_vn, BLOCK_N, BLOCK_D, BLOCK_D2, False)
-    else:
+    else:  # with host descriptors too: Q and O are one tile each, not worth a descriptor's launch cost
         q, q2 = load_rows(row_ptrs(Q, start_m, tl.arange(0, BLOCK_M), stride_qm, WIDE)[:, None], offs_d, offs_d2,
                           mask_m, mask_d, mask_d2, stride_qd, True, EVEN_D, SPLIT_D)
+        if TMA == 2:
+            k_src = KDesc
+            v_src = VDesc
+            k2_src = KDesc
+            v2_src = VDesc
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 

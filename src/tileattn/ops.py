@@ -27,36 +27,34 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # e.g. a model's sinks are Paramete
 
 
 def _eager(*tensors) -> bool:
-    """Whether a call that wants gradients may use a plain autograd.Function instead of the
-    registered op: eager, plain tensors. The custom op's autograd wrapper re-binds every
-    argument through Python on each call (torch._library's fill_defaults: ~120 of the ~160 us
-    a forward cost on a CPU here, the kernel mocked out), which short training steps feel."""
+    """Whether an op call may bypass the registered op: eager, plain tensors (torch.func
+    transforms track gradients without requires_grad, so they take the op)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _direct(*tensors) -> bool:
-    """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted
-    (torch.func transforms track gradients without requires_grad, so they take the op)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return False
-    return True
+    """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted."""
+    return _eager(*tensors) and not _wants_grad(*tensors)
 
 
 def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
         window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink):
-    """The tileattn::fwd op (see ``_fwd``), called directly where nothing needs the dispatcher."""
+    """The tileattn::fwd op (see ``_fwd``), called directly where nothing needs the dispatcher.
+    Eager calls that want gradients take a plain autograd.Function: the custom op's autograd
+    wrapper re-binds every argument through Python on each call (torch._library's
+    fill_defaults: ~120 of the ~160 us a forward cost on a CPU here, the kernel mocked out),
+    which short training steps feel."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic,
             window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink)
-    if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink):
-        return _fwd(*args)
-    if _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink):
-        return _EagerAttention.apply(*args)
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
+    if _eager(*tensors):
+        return _EagerAttention.apply(*args) if _wants_grad(*tensors) else _fwd(*args)
     return fwd_op(*args)
 
 
@@ -170,7 +168,7 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """fwd_op's forward and backward, for eager calls that want gradients (see ``_eager``)."""
+    """fwd_op's forward and backward, for eager calls that want gradients (see ``fwd``)."""
 
     @staticmethod
     def forward(ctx, *args):

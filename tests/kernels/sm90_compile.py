@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
-from tileattn.kernels.forward import HOST_TMA_DEFAULT, SPLIT_DEFAULT
+from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT
 from tileattn.kernels.gemv import gemv_config
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -48,8 +48,7 @@ def _signature(fn, constexprs: dict, specialized: dict) -> dict:
         if param.is_constexpr or name in specialized:
             sig[name] = "constexpr"
         elif name.endswith("Desc"):  # host-made TMA descriptors (TMA == 2): [1, rows, 1, dim] blocks
-            rows = constexprs["BLOCK_M" if name in ("QDesc", "ODesc", "DODesc") else "BLOCK_N"]
-            sig[name] = f"tensordesc<bf16[1, {rows}, 1, {constexprs['BLOCK_D']}]>"
+            sig[name] = f"tensordesc<bf16[1, {constexprs[DESC_ROWS[name]]}, 1, {constexprs['BLOCK_D']}]>"
         elif name[0].isupper() and name != "SEQ_BUCKET":
             sig[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else "*bf16"
         else:

@@ -1,9 +1,13 @@
 """FlashAttention-2 backward, recomputing probabilities from the saved LSE.
 
-Three launches: delta = rowsum(dO * O); dK/dV with one program per (key tile, batch*kv_head)
-that loops over every query head of its GQA group and every query tile; dQ with one program per
-(query tile, batch*head) that loops over key tiles. Each output element has exactly one writer,
+Three launches: delta = rowsum(dO * O); dQ with one program per (query tile, batch*head) that
+loops over key tiles; dK/dV with one program per (key tile, batch*kv_head) that loops over every
+query head of its GQA group and every query tile. Each output element has exactly one writer,
 so there are no atomics and gradients are bit-identical run to run.
+
+On sm_90+ the three launch as a programmatic-dependent-launch chain (PDL): dQ and dK/dV share
+only their inputs, so dK/dV's programs may start as soon as every dQ program has started and
+fill the SMs dQ's last wave leaves idle, instead of waiting for dQ's slowest program.
 """
 
 import torch
@@ -11,7 +15,16 @@ import triton
 import triton.language as tl
 
 from ..layout import lse_shape
-from .config import autotuned, dot_precision, head_block, head_blocks, seqlen_bucket
+from .config import (
+    autotuned,
+    dot_precision,
+    gdc_launch_dependents,
+    gdc_wait,
+    head_block,
+    head_blocks,
+    pdl_launch,
+    seqlen_bucket,
+)
 from .forward import alibi_batch_stride, check_offsets, dropout_args, strides, variant_args, variant_flags
 from .tile import (
     LN2,
@@ -38,8 +51,11 @@ def _bwd_preprocess(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
     seqlen_q, heads, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # O and dO come from the kernels before this one
+        gdc_wait()
+        gdc_launch_dependents()
     # int64 rows: varlen runs every packed row here as one sequence
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     pid_bh = tl.program_id(1)
@@ -146,8 +162,11 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
     EVEN_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    # PDL: launched once every dQ program has started, each after the delta kernel had finished,
+    # so everything read here is written; the wait before exiting makes this grid's end imply
+    # dQ's, which stream order alone no longer does
     start_n = tl.program_id(0) * BLOCK_N
     pid_bhk = tl.program_id(1)
     heads_kv = heads // group
@@ -155,6 +174,8 @@ def _bwd_dkdv_kernel(
     hk = (pid_bhk % heads_kv).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = sequence(b, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
     if start_n >= seqlen_k:  # varlen: the grid covers the longest sequence
+        if PDL:
+            gdc_wait()
         return
     Q += b * stride_qb + q_start * stride_qm
     DOut += b * stride_dob + q_start * stride_dom
@@ -235,6 +256,8 @@ def _bwd_dkdv_kernel(
         tl.store(dk_rows + offs_d2[None, :] * stride_dkd,
                  cast(dk2 * softmax_scale, DK.dtype.element_ty, DOT_PRECISION), mask=mask2)
         tl.store(dv_rows + offs_d2[None, :] * stride_dvd, cast(dv2, DV.dtype.element_ty, DOT_PRECISION), mask=mask2)
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -291,8 +314,11 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr,
     EVEN_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # delta comes from the kernel before; dK/dV may launch once every program got here
+        gdc_wait()
+        gdc_launch_dependents()
     start_m = query_tile(BLOCK_M, CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
@@ -386,19 +412,21 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
              *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k))
     tensor_strides = (*strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(do4, varlen))
     lse_strides = (*strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes))
+    # dK/dV may overlap dQ only behind it: PDL's early start is safe there and nowhere else
+    pdl = pdl_launch(q.device) if rows_q > 0 else dict(PDL=False)
     if rows_q > 0:
         # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
         _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
             o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim,
-            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_block(head_dim),
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_block(head_dim), **pdl,
         )
         _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
             q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-            *tensor_strides, *strides(dq4, varlen), *lse_strides, *sizes, **common,
+            *tensor_strides, *strides(dq4, varlen), *lse_strides, *sizes, **common, **pdl,
         )
     if k4.shape[1] > 0:
         _dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
             q4, k4, v4, do4, lse, delta, dk4, dv4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-            *tensor_strides, *strides(dk4, varlen), *strides(dv4, varlen), *lse_strides, *sizes, **common,
+            *tensor_strides, *strides(dk4, varlen), *strides(dv4, varlen), *lse_strides, *sizes, **common, **pdl,
         )
     return dq, dk, dv

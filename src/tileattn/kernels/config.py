@@ -161,12 +161,13 @@ def desc_block_setter(**rows):
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether decode-time kernels launch with programmatic dependent launch (sm_90+): the
-    kernel's programs may start while the previous kernel drains and wait (griddepcontrol.wait)
-    before reading what it wrote. On by default where the GPU and Triton have it; on an H100 it
-    took the split decode kernel and its merge at batch 1 x 8k from 2.70 to 2.77 TB/s and 1 x
-    2.3k keys of Phi-2 from 2.32 to 2.51 (BENCHMARKS.md). TILEATTN_PDL=0 turns it off; never
-    under the interpreter."""
+    """Whether the decode, GEMV and backward kernels launch with programmatic dependent launch
+    (sm_90+): the kernel's programs may start while the previous kernel drains and wait
+    (griddepcontrol.wait) before reading what it wrote. On by default where the GPU and Triton
+    have it; on an H100 it took the split decode kernel and its merge at batch 1 x 8k from 2.70
+    to 2.77 TB/s, 1 x 2.3k keys of Phi-2 from 2.32 to 2.51, and the d128 causal 4 x 4k backward
+    from 351 to 368 TFLOP/s (BENCHMARKS.md). TILEATTN_PDL=0 turns it off; never under the
+    interpreter."""
     return os.environ.get("TILEATTN_PDL", "1") != "0" and gdc_wait is not None and not interpreting() and \
         _hopper(device)
 

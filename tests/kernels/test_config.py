@@ -59,3 +59,54 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not config.use_pdl(cuda)
     config._hopper_index.cache_clear()  # leave no fake capability behind
+
+
+class _FakeKernel:
+    """Records launches; arg_names as a JITFunction has them."""
+
+    arg_names = ["Q", "K", "SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
+                 "DOT_PRECISION", "TMA", "BLOCK_M", "BLOCK_N"]
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
+    """After Triton's autotuner has picked a config for a key, launches with that key go to the
+    kernel directly with the pick (and the prepare hook sees it); a new key value, positional or
+    keyword, or a new tensor dtype tunes again."""
+    kernel, tuned, hooked = _FakeKernel(), [], []
+
+    class FakeTuner:
+        def __init__(self, configs):
+            self.configs, self.best_config = configs, None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                tuned.append(args[2])
+                self.best_config = self.configs[-1]
+            return run
+
+    monkeypatch.setattr(config, "autotuning", lambda: True)
+    monkeypatch.setattr(config.triton, "autotune", lambda configs, key, do_bench: lambda fn: FakeTuner(configs))
+    launch = config.autotuned(kernel, "fwd", prepare=lambda meta: hooked.append(meta["BLOCK_N"]))
+    flags = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, TMA=0, **config.head_blocks(128),
+                 DOT_PRECISION="tf32")
+    q = torch.zeros(2, dtype=torch.bfloat16)
+    last = config._GPU_CONFIGS["fwd"][128][-1]
+    launch["grid"](q, q, 7, **flags)
+    assert tuned == [7] and kernel.launches == []
+    launch["grid"](q, q, 7, **flags)
+    launch["grid"](q, q, 7, **flags)
+    assert tuned == [7] and len(kernel.launches) == 2
+    grid, args, kwargs = kernel.launches[-1]
+    assert grid == "grid" and args == (q, q, 7)
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == last
+    assert hooked == [last[1], last[1]]
+    launch["grid"](q, q, 8, **flags)  # another SEQ_BUCKET (positional)
+    launch["grid"](q, q, 7, **(flags | dict(CAUSAL=False)))
+    launch["grid"](q.half(), q.half(), 7, **flags)
+    assert tuned == [7, 8, 7, 7] and len(kernel.launches) == 2

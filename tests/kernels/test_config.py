@@ -64,14 +64,22 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
 class _FakeKernel:
     """Records launches; arg_names as a JITFunction has them."""
 
-    arg_names = ["Q", "K", "SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
-                 "DOT_PRECISION", "TMA", "BLOCK_M", "BLOCK_N"]
+    arg_names = ["Q", "K", "SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "BLOCK_D", "BLOCK_D2",
+                 "SPLIT_D", "DOT_PRECISION", "TMA", "BLOCK_M", "BLOCK_N"]
 
-    def __init__(self):
-        self.launches = []
+    def __init__(self, too_big=lambda kwargs: False):
+        self.launches, self.too_big = [], too_big
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+        def launch(*args, **kwargs):
+            if self.too_big(kwargs):
+                raise config.OutOfResources(300000, 232448, "shared memory")
+            self.launches.append((grid, args, dict(kwargs)))
+        return launch
+
+
+_FLAGS = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, TMA=0, **config.head_blocks(128),
+              DOT_PRECISION="tf32")
 
 
 def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
@@ -93,8 +101,7 @@ def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
     monkeypatch.setattr(config, "autotuning", lambda: True)
     monkeypatch.setattr(config.triton, "autotune", lambda configs, key, do_bench: lambda fn: FakeTuner(configs))
     launch = config.autotuned(kernel, "fwd", prepare=lambda meta: hooked.append(meta["BLOCK_N"]))
-    flags = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, TMA=0, **config.head_blocks(128),
-                 DOT_PRECISION="tf32")
+    flags = _FLAGS
     q = torch.zeros(2, dtype=torch.bfloat16)
     last = config._GPU_CONFIGS["fwd"][128][-1]
     launch["grid"](q, q, 7, **flags)
@@ -108,5 +115,22 @@ def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
     assert hooked == [last[1], last[1]]
     launch["grid"](q, q, 8, **flags)  # another SEQ_BUCKET (positional)
     launch["grid"](q, q, 7, **(flags | dict(CAUSAL=False)))
+    launch["grid"](q, q, 7, **(flags | dict(DROPOUT=True)))
     launch["grid"](q.half(), q.half(), 7, **flags)
-    assert tuned == [7, 8, 7, 7] and len(kernel.launches) == 2
+    assert tuned == [7, 8, 7, 7, 7] and len(kernel.launches) == 2
+
+
+def test_a_config_one_variant_cannot_fit_stays_first_for_the_others(monkeypatch):
+    """Untuned launches take the first config that fits; a variant that needs the next one
+    (here: dropout, out of shared memory at the first) does not move the others' choice."""
+    first = config._GPU_CONFIGS["fwd"][128][0]
+    kernel = _FakeKernel(too_big=lambda kw: kw["DROPOUT"] and (kw["BLOCK_M"], kw["BLOCK_N"]) == first[:2])
+    monkeypatch.setattr(config, "autotuning", lambda: False)
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    launch = config.autotuned(kernel, "fwd")
+    q = torch.zeros(2, dtype=torch.bfloat16)
+    for dropout in (True, False, True):
+        launch["grid"](q, q, 7, **(_FLAGS | dict(DROPOUT=dropout)))
+    picked = [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for _, _, kw in kernel.launches]
+    second = config._GPU_CONFIGS["fwd"][128][1]
+    assert picked == [second, first, second]

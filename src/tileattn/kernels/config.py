@@ -1,7 +1,8 @@
 """Tile shapes per kernel: an autotuned, pruned list on the GPU, one fixed shape elsewhere.
 
-Autotune results are keyed on (seqlen bucket, causal, head block, precision, dtypes), so a new
-sequence length inside a seen power-of-two bucket reuses the tuned shape. Under
+Autotune results are keyed on (seqlen bucket, variant switches such as causal and dropout, head
+block, precision, dtypes), so a new sequence length inside a seen power-of-two bucket reuses the
+tuned shape. Under
 ``TRITON_INTERPRET=1`` (CPU tests) autotuning would run every config through the interpreter,
 so one small, deliberately non-square shape is used there; ``TILEATTN_AUTOTUNE=0`` takes the
 first (heuristic) config on the GPU too.
@@ -59,7 +60,10 @@ _FP32_CONFIGS = {
     "decode": {128: [(None, 32, 4, 2), (None, 16, 4, 1)], 256: [(None, 32, 4, 1), (None, 16, 4, 1)]},
 }
 _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32), "decode": (None, 32)}
-_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "BLOCK_D", "BLOCK_D2", "SPLIT_D", "DOT_PRECISION"]
+# what a tuned config is chosen per (names a kernel lacks are skipped); DROPOUT: its Philox work
+# takes registers the plain kernel's pick did not plan for
+_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
+        "DOT_PRECISION"]
 _EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "num_splits"]}
 
 
@@ -239,8 +243,8 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
     hook = prepare
     prepare = prepare or (lambda meta: None)
     tuners = {}
-    fitting = {}  # config list -> index of the first config that fits in shared memory
-    chosen = {}  # (config list, key values, tensor dtypes) -> the config the tuner picked
+    fitting = {}  # variant key -> index of the first config that fits in shared memory
+    chosen = {}  # variant key -> the config Triton's autotuner picked
     keys = _KEY + _EXTRA_KEY.get(kind, [])
     positions = {name: kernel.arg_names.index(name) for name in keys if name in kernel.arg_names}
 
@@ -248,12 +252,19 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
         configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
         return tuple(configs if select is None else select(configs, kwargs))
 
+    def variant_key(configs, args, kwargs) -> tuple:
+        """(config list, the key arguments' values, tensor dtypes): what Triton's autotuner keys
+        its choice on, plus the list the choice is made from."""
+        return (configs, *(args[i] if i < len(args) else kwargs[name] for name, i in positions.items()),
+                *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+
     def launch_fixed(grid, args, kwargs):
         if interpreting():
             kwargs.update(_meta(*_INTERPRETER_CONFIG[kind]))
             prepare(kwargs)
             return kernel[grid](*args, **kwargs)
-        configs = key = configs_for(kwargs)
+        configs = configs_for(kwargs)
+        key = variant_key(configs, args, kwargs)  # one variant's misfit must not move another's pick
         for i in range(fitting.get(key, 0), len(configs)):
             block_m, block_n, warps, stages = configs[i]
             kwargs.update(_meta(block_m, block_n), num_warps=warps, num_stages=stages)
@@ -271,8 +282,7 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
         # list of ~60 (quadratic: ~0.1 ms a launch on the H100 host's CPU), so once it has tuned
         # a key the chosen config is looked up here and the kernel launched directly
         configs = configs_for(kwargs)
-        key = (configs, *(args[i] if i < len(args) else kwargs[name] for name, i in positions.items()),
-               *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        key = variant_key(configs, args, kwargs)
         config = chosen.get(key)
         if config is not None:
             meta = config.all_kwargs()

@@ -2,10 +2,9 @@
 
 Autotune results are keyed on (seqlen bucket, variant switches such as causal and dropout, head
 block, precision, dtypes), so a new sequence length inside a seen power-of-two bucket reuses the
-tuned shape. Under
-``TRITON_INTERPRET=1`` (CPU tests) autotuning would run every config through the interpreter,
-so one small, deliberately non-square shape is used there; ``TILEATTN_AUTOTUNE=0`` takes the
-first (heuristic) config on the GPU too.
+tuned shape. Under ``TRITON_INTERPRET=1`` (CPU tests) autotuning would run every config through
+the interpreter, so one small, deliberately non-square shape is used there;
+``TILEATTN_AUTOTUNE=0`` takes the first (heuristic) config on the GPU too.
 """
 
 import functools

@@ -12,6 +12,7 @@ from .helpers import make_qkv
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_many_small_chunks_match_reference(monkeypatch, causal):
     monkeypatch.setattr(torch_backend, "BLOCK_K", 16)  # 113 keys: 7 full chunks and a ragged one
+    monkeypatch.setattr(torch_backend, "_SCORES_PER_CHUNK", 0)  # no wider chunks for few query rows
     q, k, v = make_qkv(2, 61, 113, 4, 2, 24)
     out, lse = torch_backend.forward(q, k, v, 0.3, causal)
     ref_out, ref_lse = attention_ref(q, k, v, 0.3, causal)
@@ -26,9 +27,11 @@ def test_many_small_chunks_match_reference(monkeypatch, causal):
         torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
 
 
-def test_memory_grows_with_chunk_not_with_sequence(monkeypatch):
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(512, 2048), (1, 4 * 2**16)], ids=["prefill", "decode"])
+def test_memory_grows_with_chunk_not_with_sequence(monkeypatch, seqlen_q, seqlen_k):
     """No intermediate is seqlen_q x seqlen_k: the largest tensor the forward creates is
-    bounded by seqlen_q x BLOCK_K per head."""
+    bounded by seqlen_q x BLOCK_K per head, or for a few query rows (whose chunks are wider)
+    by _SCORES_PER_CHUNK."""
     seen = []
     real_einsum = torch.einsum
 
@@ -38,7 +41,23 @@ def test_memory_grows_with_chunk_not_with_sequence(monkeypatch):
         return r
 
     monkeypatch.setattr(torch, "einsum", spy)
-    q, k, v = make_qkv(1, 512, 2048, 1, 1, 8)
+    q, k, v = make_qkv(1, seqlen_q, seqlen_k, 1, 1, 8)
     torch_backend.forward(q, k, v, 0.35, True)
-    assert max(seen) <= 512 * torch_backend.BLOCK_K
-    assert max(seen) < 512 * 2048 // 4
+    assert max(seen) <= max(seqlen_q * torch_backend.BLOCK_K, torch_backend._SCORES_PER_CHUNK)
+    assert max(seen) <= seqlen_q * seqlen_k // 4
+
+
+def test_decode_reads_only_the_filled_slots_and_matches_chunked(monkeypatch):
+    """Decoding attends over the longest fill, not the cache's capacity, in one chunk; the same
+    call forced through 16-key chunks gives the same answer."""
+    q, k, v = make_qkv(3, 2, 700, 4, 2, 16)
+    seqlens = torch.tensor([5, 333, 0], dtype=torch.int32)
+    leftpad = torch.tensor([1, 20, 0], dtype=torch.int32)
+    k[:, 333:], v[:, 333:] = float("nan"), float("nan")  # past the longest fill: never read
+    out, lse = torch_backend.decode(q, k, v, seqlens, 0.25, True, cache_leftpad=leftpad)
+    monkeypatch.setattr(torch_backend, "BLOCK_K", 16)
+    monkeypatch.setattr(torch_backend, "_SCORES_PER_CHUNK", 0)
+    chunked_out, chunked_lse = torch_backend.decode(q, k, v, seqlens, 0.25, True, cache_leftpad=leftpad)
+    torch.testing.assert_close(out, chunked_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, chunked_lse, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out[:2]).all() and (out[2] == 0).all() and torch.isinf(lse[2]).all()

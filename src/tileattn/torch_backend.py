@@ -15,6 +15,14 @@ from .dropout import keep_mask
 from .layout import lse_shape
 
 BLOCK_K = 256
+# the forward's key chunk holds at most this many scores per (batch, head) with at least BLOCK_K
+# keys: a few query rows (decoding) take the whole cache in one chunk, as every extra chunk
+# costs a dozen more small tensor ops (on a CPU, ~5 us each) for a handful of scores
+_SCORES_PER_CHUNK = 1 << 16
+
+
+def _chunk_keys(seqlen_q: int) -> int:
+    return max(BLOCK_K, _SCORES_PER_CHUNK // max(seqlen_q, 1) // BLOCK_K * BLOCK_K)
 
 
 def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -141,6 +149,11 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         k, v = k_cache[cache_batch_idx.long()], v_cache[cache_batch_idx.long()]
     else:
         k, v = k_cache[:batch], v_cache[:batch]
+    # slots past every sequence's fill hold no key: skip them where reading the fill is free
+    # (host memory; not while tracing, and never a sync in a CUDA graph's capture)
+    if seqlens_k.device.type == "cpu" and not torch.compiler.is_compiling():
+        filled = int(seqlens_k.max()) if batch else 0
+        k, v = k[:, :filled], v[:, :filled]
     k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
     return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()),
                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -157,22 +170,30 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
     alibi = _alibi(alibi_slopes, b, heads_kv)
     kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
     vf = v.float().permute(0, 2, 1, 3)
-    m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
-    row_sum = torch.zeros_like(m)
-    acc = torch.zeros_like(qf)
-    for n0 in range(0, seqlen_k, BLOCK_K):
-        s, _ = _chunk_scores(qf, kf[:, :, n0 : n0 + BLOCK_K], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds,
+    m = row_sum = acc = None  # the first chunk sets them: nothing to rescale yet
+    chunk = _chunk_keys(seqlen_q)
+    for n0 in range(0, seqlen_k, chunk):
+        s, _ = _chunk_scores(qf, kf[:, :, n0 : n0 + chunk], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds,
                              window_size, softcap, alibi)
-        m_new = torch.maximum(m, s.amax(-1))
+        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
         # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)
-        row_sum = row_sum * alpha + p.sum(-1)
+        p_sum = p.sum(-1)
         if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
             p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], seqlen_q, n0, p.shape[-1], q.device)
-        acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + BLOCK_K])
+        pv = torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + chunk])
+        if m is None:
+            row_sum, acc = p_sum, pv
+        else:
+            alpha = torch.exp(m - m_safe)
+            row_sum = row_sum * alpha + p_sum
+            acc = acc * alpha[..., None] + pv
         m = m_new
+    if m is None:  # no keys
+        m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
+        row_sum = torch.zeros_like(m)
+        acc = torch.zeros_like(qf)
     if learnable_sink is not None:  # one more logit per head, with no value row
         sink = learnable_sink.float().view(1, heads_kv, -1, 1)
         m_new = torch.maximum(m, sink)

@@ -8,23 +8,45 @@ from tileattn.reference import attention_ref
 
 from .helpers import make_qkv
 
+_MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (9, 4)),
+          "causal-window": (True, (20, -1))}
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_many_small_chunks_match_reference(monkeypatch, causal):
-    monkeypatch.setattr(torch_backend, "BLOCK_K", 16)  # 113 keys: 7 full chunks and a ragged one
+
+@pytest.mark.parametrize("mask", list(_MASKS))
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(61, 113), (113, 61)], ids=["sq<sk", "sq>sk"])
+def test_many_small_chunks_match_reference(monkeypatch, mask, seqlen_q, seqlen_k):
+    """16-key chunks (7 full and a ragged one at 113 keys) and, where a mask lets key chunks be
+    skipped, 16-row query blocks over only their keys."""
+    causal, window = _MASKS[mask]
+    monkeypatch.setattr(torch_backend, "BLOCK_K", 16)
+    monkeypatch.setattr(torch_backend, "BLOCK_Q", 16)
     monkeypatch.setattr(torch_backend, "_SCORES_PER_CHUNK", 0)  # no wider chunks for few query rows
-    q, k, v = make_qkv(2, 61, 113, 4, 2, 24)
-    out, lse = torch_backend.forward(q, k, v, 0.3, causal)
-    ref_out, ref_lse = attention_ref(q, k, v, 0.3, causal)
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, 24)
+    out, lse = torch_backend.forward(q, k, v, 0.3, causal, window_size=window)
+    ref_out, ref_lse = attention_ref(q, k, v, 0.3, causal, window_size=window)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
     dout = torch.randn_like(out)
-    grads = torch_backend.backward(dout, q, k, v, out, lse, 0.3, causal)
+    grads = torch_backend.backward(dout, q, k, v, out, lse, 0.3, causal, window_size=window)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    ref_grads = torch.autograd.grad(attention_ref(*leaves, 0.3, causal)[0], leaves, dout.double())
+    ref_grads = torch.autograd.grad(attention_ref(*leaves, 0.3, causal, window_size=window)[0], leaves,
+                                    dout.double())
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_draw_the_same_dropout_bits(monkeypatch):
+    """Dropout's keep bits belong to (row, key) positions, so blocking the rows changes nothing."""
+    q, k, v = make_qkv(2, 50, 70, 4, 2, 16)
+    dropout = (0.3, 1234, 5)
+    out, lse = torch_backend.forward(q, k, v, 0.3, True, dropout=dropout)
+    monkeypatch.setattr(torch_backend, "BLOCK_K", 16)
+    monkeypatch.setattr(torch_backend, "BLOCK_Q", 16)
+    monkeypatch.setattr(torch_backend, "_SCORES_PER_CHUNK", 0)
+    blocked_out, blocked_lse = torch_backend.forward(q, k, v, 0.3, True, dropout=dropout)
+    torch.testing.assert_close(blocked_out, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocked_lse, lse, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(512, 2048), (1, 4 * 2**16)], ids=["prefill", "decode"])

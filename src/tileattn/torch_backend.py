@@ -21,8 +21,31 @@ BLOCK_K = 256
 _SCORES_PER_CHUNK = 1 << 16
 
 
+# query rows per block where a causal mask or a window lets whole key chunks be skipped, as the
+# kernels skip tiles (a causal prefill then does half the work)
+BLOCK_Q = 256
+
+
 def _chunk_keys(seqlen_q: int) -> int:
     return max(BLOCK_K, _SCORES_PER_CHUNK // max(seqlen_q, 1) // BLOCK_K * BLOCK_K)
+
+
+def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> tuple[int, int]:
+    """Keys [lo, hi) that query rows [m0, m1) may see under the causal mask and window."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    offset = seqlen_k - seqlen_q  # bottom-right alignment: row i's diagonal is key i + offset
+    lo = 0 if left < 0 else min(seqlen_k, max(0, m0 + offset - left))
+    hi = seqlen_k if right < 0 else min(seqlen_k, max(0, m1 + offset + right))
+    return lo, max(lo, hi)
+
+
+def _visible(m0: int, m1: int, n0: int, n1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> bool:
+    """Whether rows [m0, m1) see every key of [n0, n1) under the causal mask and window."""
+    first, last = _key_span(m0, m0 + 1, seqlen_q, seqlen_k, causal, window_size), \
+        _key_span(m1 - 1, m1, seqlen_q, seqlen_k, causal, window_size)
+    return last[0] <= n0 and n1 <= first[1]  # the last row's window starts, the first row's ends
 
 
 def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -38,19 +61,25 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None, window_size=(-1, -1),
-                  softcap=0.0, alibi=None):
-    """Scores of all queries against keys [n0, n0 + chunk): scaled, softcapped, ALiBi-biased and
-    masked to -inf. Returns (scores, tanh of the softcap argument or None).
+                  softcap=0.0, alibi=None, m0: int = 0, visible: bool = False):
+    """Scores of query rows [m0, m0 + rows of q) against keys [n0, n0 + chunk): scaled (scale 1:
+    q came scaled), softcapped, ALiBi-biased and masked to -inf. visible: the caller knows the
+    causal mask and window hide none of them (_visible). Returns (scores, tanh of the softcap
+    argument or None).
 
     bounds: optional (k_lo, k_hi), int tensors (B,): batch entry b sees keys [k_lo, k_hi) only
     and its diagonal is aligned to k_hi (a KV cache's per-sequence fill). alibi: slopes shaped to
     broadcast against (B, Hkv, group, 1, 1)."""
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk) * scale
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk)
+    if scale != 1.0:
+        s = s * scale
     th = None
     if softcap:
         th = torch.tanh(s / softcap)
         s = softcap * th
-    i = torch.arange(seqlen_q, device=q.device)[:, None]
+    if visible and bounds is None and alibi is None:
+        return s, th
+    i = torch.arange(m0, m0 + q.shape[-2], device=q.device)[:, None]
     j = torch.arange(n0, n0 + k_chunk.shape[2], device=q.device)[None, :]
     end = seqlen_k
     if bounds is not None:
@@ -62,21 +91,21 @@ def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None
     left, right = window_size
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    if right >= 0:
+    if right >= 0 and not visible:
         s = s.masked_fill(j > diag + right, float("-inf"))
-    if left >= 0:
+    if left >= 0 and not visible:
         s = s.masked_fill(j < diag - left, float("-inf"))
     return s, th
 
 
-def _keep(dropout, first_batch: int, batch: int, heads_kv: int, group: int, seqlen_q: int, n0: int, chunk: int,
+def _keep(dropout, first_batch: int, batch: int, heads_kv: int, group: int, m0: int, rows: int, n0: int, chunk: int,
           device):
-    """1 / (1 - p) where kept, 0 where dropped, for keys [n0, n0 + chunk): (B, Hkv, group, Sq, chunk),
-    the bits the kernels draw (tileattn.dropout)."""
+    """1 / (1 - p) where kept, 0 where dropped, for query rows [m0, m0 + rows) and keys
+    [n0, n0 + chunk): (B, Hkv, group, rows, chunk), the bits the kernels draw (tileattn.dropout)."""
     p, seed, offset = dropout
     b = torch.arange(first_batch, first_batch + batch, device=device).view(-1, 1, 1, 1)
     h = torch.arange(heads_kv * group, device=device).view(1, heads_kv, group, 1)
-    i = torch.arange(seqlen_q, device=device).view(1, 1, 1, -1)
+    i = torch.arange(m0, m0 + rows, device=device).view(1, 1, 1, -1)
     return keep_mask(p, seed, offset, b * heads_kv * group + h, i, n0, chunk).float() / (1.0 - p)
 
 
@@ -170,30 +199,44 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
     alibi = _alibi(alibi_slopes, b, heads_kv)
     kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
     vf = v.float().permute(0, 2, 1, 3)
-    m = row_sum = acc = None  # the first chunk sets them: nothing to rescale yet
-    chunk = _chunk_keys(seqlen_q)
-    for n0 in range(0, seqlen_k, chunk):
-        s, _ = _chunk_scores(qf, kf[:, :, n0 : n0 + chunk], n0, seqlen_q, seqlen_k, softmax_scale, causal, bounds,
-                             window_size, softcap, alibi)
-        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
-        # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
-        m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
-        p = torch.exp(s - m_safe[..., None])
-        p_sum = p.sum(-1)
-        if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
-            p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], seqlen_q, n0, p.shape[-1], q.device)
-        pv = torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0 : n0 + chunk])
-        if m is None:
-            row_sum, acc = p_sum, pv
-        else:
-            alpha = torch.exp(m - m_safe)
-            row_sum = row_sum * alpha + p_sum
-            acc = acc * alpha[..., None] + pv
-        m = m_new
-    if m is None:  # no keys
-        m = torch.full(qf.shape[:-1], float("-inf"), device=q.device)
-        row_sum = torch.zeros_like(m)
-        acc = torch.zeros_like(qf)
+    masked = bounds is None and (causal or window_size[0] >= 0 or window_size[1] >= 0)
+    if masked and seqlen_q > BLOCK_Q:  # row blocks, each over the keys its mask leaves it
+        blocks = [(m0, min(m0 + BLOCK_Q, seqlen_q)) for m0 in range(0, seqlen_q, BLOCK_Q)]
+        spans = [_key_span(m0, m1, seqlen_q, seqlen_k, causal, window_size) for m0, m1 in blocks]
+    else:
+        blocks, spans = [(0, seqlen_q)], [(0, seqlen_k)]
+    parts = []
+    for (m0, m1), (lo, hi) in zip(blocks, spans):
+        m = row_sum = acc = None  # the first chunk sets them: nothing to rescale yet
+        q_rows, chunk = qf[..., m0:m1, :] * softmax_scale, _chunk_keys(m1 - m0)
+        for n0 in range(lo, hi, chunk):
+            n1 = min(n0 + chunk, hi)
+            visible = bounds is None and _visible(m0, m1, n0, n1, seqlen_q, seqlen_k, causal, window_size)
+            s, _ = _chunk_scores(q_rows, kf[:, :, n0:n1], n0, seqlen_q, seqlen_k, 1.0, causal, bounds,
+                                 window_size, softcap, alibi, m0, visible)
+            m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
+            # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp(s - m_safe[..., None])
+            p_sum = p.sum(-1)
+            if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
+                p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], m0, m1 - m0, n0, n1 - n0, q.device)
+            pv = torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0:n1])
+            if m is None:
+                row_sum, acc = p_sum, pv
+            else:
+                alpha = torch.exp(m - m_safe)
+                row_sum = row_sum * alpha + p_sum
+                acc = acc * alpha[..., None] + pv
+            m = m_new
+        if m is None:  # no keys for these rows
+            m = torch.full(q_rows.shape[:-1], float("-inf"), device=q.device)
+            row_sum = torch.zeros_like(m)
+            acc = torch.zeros_like(q_rows)
+        parts.append((m, row_sum, acc))
+    m, row_sum, acc = parts[0]
+    if len(parts) > 1:
+        m, row_sum, acc = (torch.cat([part[i] for part in parts], dim) for i, dim in enumerate((-1, -1, -2)))
     if learnable_sink is not None:  # one more logit per head, with no value row
         sink = learnable_sink.float().view(1, heads_kv, -1, 1)
         m_new = torch.maximum(m, sink)
@@ -222,16 +265,17 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     lse = lse.reshape(qf.shape[:-1])
     # rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0
     lse = torch.where(lse == float("-inf"), float("inf"), lse)
+    q_scaled = qf * softmax_scale  # the scores rounded as the forward rounded them, so p matches its LSE
     dq = torch.zeros_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
     for n0 in range(0, seqlen_k, BLOCK_K):
         kc, vc = kf[:, :, n0 : n0 + BLOCK_K], vf[:, :, n0 : n0 + BLOCK_K]
-        s, th = _chunk_scores(qf, kc, n0, seqlen_q, seqlen_k, softmax_scale, causal, None, window_size, softcap, alibi)
+        s, th = _chunk_scores(q_scaled, kc, n0, seqlen_q, seqlen_k, 1.0, causal, None, window_size, softcap, alibi)
         p = torch.exp(s - lse[..., None])
         dp = torch.einsum("bhgqd,bhkd->bhgqk", dof, vc)
         if dropout[0] > 0:
-            keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], seqlen_q, n0, p.shape[-1], q.device)
+            keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], 0, seqlen_q, n0, p.shape[-1], q.device)
             dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, dof)
             dp = dp * keep
         else:

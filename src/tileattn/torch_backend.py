@@ -1,10 +1,11 @@
 """FlashAttention-2 in blocked PyTorch: the backend for CPU and any non-CUDA device.
 
 The same algorithm as the Triton kernels, one K/V chunk at a time: scores for a chunk, fold it
-into a running (max, sum, accumulator), never the full (seqlen_q, seqlen_k) matrix. The
-backward recomputes each chunk's probabilities from the saved LSE. Work is done in float32
-whatever the input dtype (as the kernels accumulate), and GQA is handled by viewing the query
-heads as (heads_kv, group) so K/V are never repeated in memory.
+into a running (max, sum, accumulator), never the full (seqlen_q, seqlen_k) matrix. Under a
+causal mask or a window the forward walks blocks of query rows, each over only the key chunks
+its rows can see. The backward recomputes each chunk's probabilities from the saved LSE. Work
+is done in float32 whatever the input dtype (as the kernels accumulate), and GQA is handled by
+viewing the query heads as (heads_kv, group) so K/V are never repeated in memory.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ from .dropout import keep_mask
 from .layout import lse_shape
 
 BLOCK_K = 256
+# query rows per block where a causal mask or a window lets whole key chunks be skipped, as the
+# kernels skip tiles (a causal prefill then does half the work)
+BLOCK_Q = 256
 # the forward's key chunk holds at most this many scores per (batch, head) with at least BLOCK_K
 # keys: a few query rows (decoding) take the whole cache in one chunk, as every extra chunk
 # costs a dozen more small tensor ops (on a CPU, ~5 us each) for a handful of scores
 _SCORES_PER_CHUNK = 1 << 16
-
-
-# query rows per block where a causal mask or a window lets whole key chunks be skipped, as the
-# kernels skip tiles (a causal prefill then does half the work)
-BLOCK_Q = 256
 
 
 def _chunk_keys(seqlen_q: int) -> int:
@@ -43,9 +42,9 @@ def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, wind
 
 def _visible(m0: int, m1: int, n0: int, n1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> bool:
     """Whether rows [m0, m1) see every key of [n0, n1) under the causal mask and window."""
-    first, last = _key_span(m0, m0 + 1, seqlen_q, seqlen_k, causal, window_size), \
-        _key_span(m1 - 1, m1, seqlen_q, seqlen_k, causal, window_size)
-    return last[0] <= n0 and n1 <= first[1]  # the last row's window starts, the first row's ends
+    first_row_hi = _key_span(m0, m0 + 1, seqlen_q, seqlen_k, causal, window_size)[1]
+    last_row_lo = _key_span(m1 - 1, m1, seqlen_q, seqlen_k, causal, window_size)[0]
+    return last_row_lo <= n0 and n1 <= first_row_hi  # rows' spans only move right as rows grow
 
 
 def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:

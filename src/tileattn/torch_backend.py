@@ -40,6 +40,18 @@ def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, wind
     return lo, max(lo, hi)
 
 
+def _query_span(n0: int, n1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> tuple[int, int]:
+    """Query rows [r0, r1) that see at least one key of [n0, n1) under the causal mask and window
+    (the backward's counterpart of _key_span)."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    offset = seqlen_k - seqlen_q
+    r0 = 0 if right < 0 else min(seqlen_q, max(0, n0 - offset - right))
+    r1 = seqlen_q if left < 0 else min(seqlen_q, max(0, n1 - offset + left))
+    return r0, max(r0, r1)
+
+
 def _visible(m0: int, m1: int, n0: int, n1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> bool:
     """Whether rows [m0, m1) see every key of [n0, n1) under the causal mask and window."""
     first_row_hi = _key_span(m0, m0 + 1, seqlen_q, seqlen_k, causal, window_size)[1]
@@ -269,21 +281,27 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
     for n0 in range(0, seqlen_k, BLOCK_K):
-        kc, vc = kf[:, :, n0 : n0 + BLOCK_K], vf[:, :, n0 : n0 + BLOCK_K]
-        s, th = _chunk_scores(q_scaled, kc, n0, seqlen_q, seqlen_k, 1.0, causal, None, window_size, softcap, alibi)
-        p = torch.exp(s - lse[..., None])
-        dp = torch.einsum("bhgqd,bhkd->bhgqk", dof, vc)
+        n1 = min(n0 + BLOCK_K, seqlen_k)
+        r0, r1 = _query_span(n0, n1, seqlen_q, seqlen_k, causal, window_size)
+        if r0 >= r1:  # no row sees these keys: their dk, dv stay 0
+            continue
+        kc, vc = kf[:, :, n0:n1], vf[:, :, n0:n1]
+        q_rows, do_rows = qf[..., r0:r1, :], dof[..., r0:r1, :]
+        s, th = _chunk_scores(q_scaled[..., r0:r1, :], kc, n0, seqlen_q, seqlen_k, 1.0, causal, None, window_size,
+                              softcap, alibi, r0)
+        p = torch.exp(s - lse[..., r0:r1, None])
+        dp = torch.einsum("bhgqd,bhkd->bhgqk", do_rows, vc)
         if dropout[0] > 0:
-            keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], 0, seqlen_q, n0, p.shape[-1], q.device)
-            dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, dof)
+            keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], r0, r1 - r0, n0, n1 - n0, q.device)
+            dv[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, do_rows)
             dp = dp * keep
         else:
-            dv[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", p, dof)
-        ds = p * (dp - delta[..., None])
+            dv[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", p, do_rows)
+        ds = p * (dp - delta[..., r0:r1, None])
         if th is not None:  # d(cap * tanh(x / cap)) / dx
             ds = ds * (1 - th * th)
-        dq += torch.einsum("bhgqk,bhkd->bhgqd", ds, kc) * softmax_scale
-        dk[:, :, n0 : n0 + BLOCK_K] = torch.einsum("bhgqk,bhgqd->bhkd", ds, qf) * softmax_scale
+        dq[..., r0:r1, :] += torch.einsum("bhgqk,bhkd->bhgqd", ds, kc) * softmax_scale
+        dk[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", ds, q_rows) * softmax_scale
     return (
         _merge_heads(dq).to(q.dtype),
         dk.permute(0, 2, 1, 3).to(k.dtype),

@@ -29,11 +29,17 @@ def _chunk_keys(seqlen_q: int) -> int:
     return max(BLOCK_K, _SCORES_PER_CHUNK // max(seqlen_q, 1) // BLOCK_K * BLOCK_K)
 
 
-def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> tuple[int, int]:
-    """Keys [lo, hi) that query rows [m0, m1) may see under the causal mask and window."""
+def _window(causal: bool, window_size) -> tuple[int, int]:
+    """(left, right) with the causal mask folded into right; -1 is unbounded."""
     left, right = window_size
     if causal:
         right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> tuple[int, int]:
+    """Keys [lo, hi) that query rows [m0, m1) may see under the causal mask and window."""
+    left, right = _window(causal, window_size)
     offset = seqlen_k - seqlen_q  # bottom-right alignment: row i's diagonal is key i + offset
     lo = 0 if left < 0 else min(seqlen_k, max(0, m0 + offset - left))
     hi = seqlen_k if right < 0 else min(seqlen_k, max(0, m1 + offset + right))
@@ -43,9 +49,7 @@ def _key_span(m0: int, m1: int, seqlen_q: int, seqlen_k: int, causal: bool, wind
 def _query_span(n0: int, n1: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> tuple[int, int]:
     """Query rows [r0, r1) that see at least one key of [n0, n1) under the causal mask and window
     (the backward's counterpart of _key_span)."""
-    left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = _window(causal, window_size)
     offset = seqlen_k - seqlen_q
     r0 = 0 if right < 0 else min(seqlen_q, max(0, n0 - offset - right))
     r1 = seqlen_q if left < 0 else min(seqlen_q, max(0, n1 - offset + left))
@@ -71,19 +75,17 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
-def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None, window_size=(-1, -1),
-                  softcap=0.0, alibi=None, m0: int = 0, visible: bool = False):
-    """Scores of query rows [m0, m0 + rows of q) against keys [n0, n0 + chunk): scaled (scale 1:
-    q came scaled), softcapped, ALiBi-biased and masked to -inf. visible: the caller knows the
-    causal mask and window hide none of them (_visible). Returns (scores, tanh of the softcap
-    argument or None).
+def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, causal, bounds=None, window_size=(-1, -1), softcap=0.0,
+                  alibi=None, m0: int = 0, visible: bool = False):
+    """Scores of query rows [m0, m0 + rows of q), q already multiplied by the softmax scale,
+    against keys [n0, n0 + chunk): softcapped, ALiBi-biased and masked to -inf. visible: the
+    caller knows the causal mask and window hide none of them (_visible). Returns (scores, tanh
+    of the softcap argument or None).
 
     bounds: optional (k_lo, k_hi), int tensors (B,): batch entry b sees keys [k_lo, k_hi) only
     and its diagonal is aligned to k_hi (a KV cache's per-sequence fill). alibi: slopes shaped to
     broadcast against (B, Hkv, group, 1, 1)."""
     s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk)
-    if scale != 1.0:
-        s = s * scale
     th = None
     if softcap:
         th = torch.tanh(s / softcap)
@@ -99,9 +101,7 @@ def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, scale, causal, bounds=None
     diag = i + (end - seqlen_q)
     if alibi is not None:
         s = s - alibi * (diag - j).abs()
-    left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = _window(causal, window_size)
     if right >= 0 and not visible:
         s = s.masked_fill(j > diag + right, float("-inf"))
     if left >= 0 and not visible:
@@ -210,7 +210,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
     alibi = _alibi(alibi_slopes, b, heads_kv)
     kf = k.float().permute(0, 2, 1, 3)  # (B, Hkv, Sk, D)
     vf = v.float().permute(0, 2, 1, 3)
-    masked = bounds is None and (causal or window_size[0] >= 0 or window_size[1] >= 0)
+    masked = bounds is None and max(_window(causal, window_size)) >= 0
     if masked and seqlen_q > BLOCK_Q:  # row blocks, each over the keys its mask leaves it
         blocks = [(m0, min(m0 + BLOCK_Q, seqlen_q)) for m0 in range(0, seqlen_q, BLOCK_Q)]
         spans = [_key_span(m0, m1, seqlen_q, seqlen_k, causal, window_size) for m0, m1 in blocks]
@@ -223,8 +223,8 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
         for n0 in range(lo, hi, chunk):
             n1 = min(n0 + chunk, hi)
             visible = bounds is None and _visible(m0, m1, n0, n1, seqlen_q, seqlen_k, causal, window_size)
-            s, _ = _chunk_scores(q_rows, kf[:, :, n0:n1], n0, seqlen_q, seqlen_k, 1.0, causal, bounds,
-                                 window_size, softcap, alibi, m0, visible)
+            s, _ = _chunk_scores(q_rows, kf[:, :, n0:n1], n0, seqlen_q, seqlen_k, causal, bounds, window_size,
+                                 softcap, alibi, m0, visible)
             m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
             # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
@@ -287,8 +287,8 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
             continue
         kc, vc = kf[:, :, n0:n1], vf[:, :, n0:n1]
         q_rows, do_rows = qf[..., r0:r1, :], dof[..., r0:r1, :]
-        s, th = _chunk_scores(q_scaled[..., r0:r1, :], kc, n0, seqlen_q, seqlen_k, 1.0, causal, None, window_size,
-                              softcap, alibi, r0)
+        s, th = _chunk_scores(q_scaled[..., r0:r1, :], kc, n0, seqlen_q, seqlen_k, causal, None, window_size, softcap,
+                              alibi, r0)
         p = torch.exp(s - lse[..., r0:r1, None])
         dp = torch.einsum("bhgqd,bhkd->bhgqk", do_rows, vc)
         if dropout[0] > 0:

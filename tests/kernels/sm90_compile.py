@@ -111,6 +111,8 @@ def cases():
     yield "fwd d128 causal TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(SINK=False, TMA=2, **d128), None
     yield "fwd d128 full TMA, seqlen 1", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
         CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
+    yield "fwd d128 causal softcap TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
+        SOFTCAP=2, SINK=False, TMA=2, **d128), None
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
     yield "fwd d80 split causal", "forward._fwd_kernel", SPLIT_DEFAULT, _variants(SINK=False, TMA=0, **d80), None

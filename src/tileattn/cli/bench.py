@@ -244,16 +244,26 @@ def accuracy_matrix(device, log, only: str = "") -> bool:
     for seqlen in (2048, 8192):
         cases += [(1, seqlen, seqlen, 4, 4, d, torch.bfloat16) for d in (64, 80, 128)]
     cases += [(2, 1000, 1000, 4, 1, d, dt) for d in (64, 128, 256) for dt in (torch.float16, torch.float32)]
+    cases = [(*case, "", {}) for case in cases]
+    # each variant's own score code, softcap's one-instruction tanh included (GPU only)
+    gen = torch.Generator().manual_seed(0)
+    variants = {"softcap 30": dict(softcap=30.0), "window (100, 20)": dict(window_size=(100, 20)),
+                "alibi": dict(alibi_slopes=(torch.rand(8, generator=gen) * 0.1).to(device)),
+                "sink": dict(learnable_sink=torch.randn(8, generator=gen).to(device)),
+                "softcap 5 alibi": dict(softcap=5.0, alibi_slopes=(torch.rand(2, 8, generator=gen)).to(device))}
+    cases += [(2, 1025, 1023, 8, 2, d, dt, f" {n}", variant) for n, variant in variants.items()
+              for d, dt in ((64, torch.bfloat16), (80, torch.float16), (128, torch.bfloat16))]
     ok = True
-    for batch, sq, sk, h, hk, d, dtype in cases:
+    for batch, sq, sk, h, hk, d, dtype, variant_name, variant in cases:
         for causal in (False, True):
             q, k, v = (torch.randn(batch, s, n, d, device=device, dtype=dtype)
                        for s, n in ((sq, h), (sk, hk), (sk, hk)))
-            name = f"B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}"
+            name = (f"B{batch} Sq{sq} Sk{sk} H{h}/{hk} D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}"
+                    f"{variant_name}")
             if only not in name:
                 continue
             try:
-                checks = check_attention(flash_attn_func, q, k, v, causal=causal)
+                checks = check_attention(flash_attn_func, q, k, v, causal=causal, **variant)
             except Exception as e:
                 ok = False
                 log(f"FAIL {name} | {type(e).__name__}: {str(e)[:300]}")

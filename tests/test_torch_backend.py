@@ -55,14 +55,14 @@ def test_memory_grows_with_chunk_not_with_sequence(monkeypatch, seqlen_q, seqlen
     bounded by seqlen_q x BLOCK_K per head, or for a few query rows (whose chunks are wider)
     by _SCORES_PER_CHUNK."""
     seen = []
-    real_einsum = torch.einsum
+    real_matmul = torch.matmul
 
-    def spy(eq, *ops):
-        r = real_einsum(eq, *ops)
+    def spy(*ops):
+        r = real_matmul(*ops)
         seen.append(r.numel())
         return r
 
-    monkeypatch.setattr(torch, "einsum", spy)
+    monkeypatch.setattr(torch, "matmul", spy)
     q, k, v = make_qkv(1, seqlen_q, seqlen_k, 1, 1, 8)
     torch_backend.forward(q, k, v, 0.35, True)
     assert max(seen) <= max(seqlen_q * torch_backend.BLOCK_K, torch_backend._SCORES_PER_CHUNK)
@@ -83,3 +83,24 @@ def test_decode_reads_only_the_filled_slots_and_matches_chunked(monkeypatch):
     torch.testing.assert_close(out, chunked_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, chunked_lse, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out[:2]).all() and (out[2] == 0).all() and torch.isinf(lse[2]).all()
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 3], ids=["one-token", "three-tokens"])
+def test_equally_filled_caches_decode_without_masks(monkeypatch, seqlen_q):
+    """Sequences filled alike with no left padding need no per-sequence masks (one token sees
+    every filled slot; more are masked causally as a dense call would): same answer as the fp64
+    reference and as the masked path a zero left padding forces, without a masked_fill."""
+    q, k, v = make_qkv(2, seqlen_q, 64, 4, 2, 16)
+    seqlens = torch.tensor([40, 40], dtype=torch.int32)
+    k[:, 40:], v[:, 40:] = float("nan"), float("nan")
+    masked = torch_backend.decode(q, k, v, seqlens, 0.25, True, cache_leftpad=torch.zeros(2, dtype=torch.int32))
+    fills = []
+    real_masked_fill = torch.Tensor.masked_fill
+    monkeypatch.setattr(torch.Tensor, "masked_fill", lambda *a: fills.append(1) or real_masked_fill(*a))
+    out, lse = torch_backend.decode(q, k, v, seqlens, 0.25, True)
+    assert len(fills) == (0 if seqlen_q == 1 else 1)
+    ref_out, ref_lse = attention_ref(q.double(), k[:, :40].double(), v[:, :40].double(), 0.25, True)
+    for got, want in ((out, ref_out), (lse, ref_lse)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, masked[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, masked[1], atol=1e-6, rtol=1e-6)

@@ -75,6 +75,14 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
+def _group_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, group, R, K) @ y (B, Hkv, K, N) -> (B, Hkv, group, R, N): a group's rows as one
+    matrix per K/V head, so one batched matmul serves GQA without repeating y (einsum's parsing
+    and permutes cost more than the product itself at decoding's sizes)."""
+    b, hk, g, r, k = x.shape
+    return torch.matmul(x.reshape(b, hk, g * r, k), y).view(b, hk, g, r, y.shape[-1])
+
+
 def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, causal, bounds=None, window_size=(-1, -1), softcap=0.0,
                   alibi=None, m0: int = 0, visible: bool = False):
     """Scores of query rows [m0, m0 + rows of q), q already multiplied by the softmax scale,
@@ -85,7 +93,7 @@ def _chunk_scores(q, k_chunk, n0, seqlen_q, seqlen_k, causal, bounds=None, windo
     bounds: optional (k_lo, k_hi), int tensors (B,): batch entry b sees keys [k_lo, k_hi) only
     and its diagonal is aligned to k_hi (a KV cache's per-sequence fill). alibi: slopes shaped to
     broadcast against (B, Hkv, group, 1, 1)."""
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k_chunk)
+    s = _group_matmul(q, k_chunk.transpose(-1, -2))
     th = None
     if softcap:
         th = torch.tanh(s / softcap)
@@ -191,13 +199,19 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         k, v = k_cache[:batch], v_cache[:batch]
     # slots past every sequence's fill hold no key: skip them where reading the fill is free
     # (host memory; not while tracing, and never a sync in a CUDA graph's capture)
+    per_sequence = True
     if seqlens_k.device.type == "cpu" and not torch.compiler.is_compiling():
         filled = int(seqlens_k.max()) if batch else 0
         k, v = k[:, :filled], v[:, :filled]
-    k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
-    return _dense_forward(q, k, v, softmax_scale, causal, bounds=(k_lo.long(), seqlens_k.long()),
-                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                          learnable_sink=learnable_sink)
+        # every sequence filled alike and none left-padded (batch 1 always): the slots are exactly
+        # the keys, aligned as a dense call aligns them, and need no per-sequence masks
+        per_sequence = cache_leftpad is not None or int(seqlens_k.min()) != filled
+    bounds = None
+    if per_sequence:
+        k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
+        bounds = (k_lo.long(), seqlens_k.long())
+    return _dense_forward(q, k, v, softmax_scale, causal, bounds=bounds, window_size=window_size, softcap=softcap,
+                          alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
 
 
 def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, window_size=(-1, -1),
@@ -217,8 +231,10 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
     else:
         blocks, spans = [(0, seqlen_q)], [(0, seqlen_k)]
     parts = []
+    every_row_sees_a_key = True  # then no row is empty and the guards against -inf can go
     for (m0, m1), (lo, hi) in zip(blocks, spans):
         m = row_sum = acc = None  # the first chunk sets them: nothing to rescale yet
+        seen = False
         q_rows, chunk = qf[..., m0:m1, :] * softmax_scale, _chunk_keys(m1 - m0)
         for n0 in range(lo, hi, chunk):
             n1 = min(n0 + chunk, hi)
@@ -226,13 +242,14 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
             s, _ = _chunk_scores(q_rows, kf[:, :, n0:n1], n0, seqlen_q, seqlen_k, causal, bounds, window_size,
                                  softcap, alibi, m0, visible)
             m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
+            seen |= visible and n1 > n0
             # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
-            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+            m_safe = m_new if seen else torch.where(m_new == float("-inf"), 0.0, m_new)
             p = torch.exp(s - m_safe[..., None])
             p_sum = p.sum(-1)
             if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
                 p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], m0, m1 - m0, n0, n1 - n0, q.device)
-            pv = torch.einsum("bhgqk,bhkd->bhgqd", p, vf[:, :, n0:n1])
+            pv = _group_matmul(p, vf[:, :, n0:n1])
             if m is None:
                 row_sum, acc = p_sum, pv
             else:
@@ -240,6 +257,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
                 row_sum = row_sum * alpha + p_sum
                 acc = acc * alpha[..., None] + pv
             m = m_new
+        every_row_sees_a_key &= seen
         if m is None:  # no keys for these rows
             m = torch.full(q_rows.shape[:-1], float("-inf"), device=q.device)
             row_sum = torch.zeros_like(m)
@@ -256,9 +274,12 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
         row_sum = row_sum * alpha + torch.exp(sink - m_safe)
         acc = acc * alpha[..., None]
         m = m_new
-    empty = row_sum == 0
-    out = acc / torch.where(empty, 1.0, row_sum)[..., None]
-    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, row_sum)))
+    if every_row_sees_a_key:
+        out, lse = acc / row_sum[..., None], m + torch.log(row_sum)
+    else:
+        empty = row_sum == 0
+        out = acc / torch.where(empty, 1.0, row_sum)[..., None]
+        lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, row_sum)))
     return _merge_heads(out).to(q.dtype), lse.reshape(b, heads, seqlen_q)
 
 
@@ -290,7 +311,7 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
         s, th = _chunk_scores(q_scaled[..., r0:r1, :], kc, n0, seqlen_q, seqlen_k, causal, None, window_size, softcap,
                               alibi, r0)
         p = torch.exp(s - lse[..., r0:r1, None])
-        dp = torch.einsum("bhgqd,bhkd->bhgqk", do_rows, vc)
+        dp = _group_matmul(do_rows, vc.transpose(-1, -2))
         if dropout[0] > 0:
             keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], r0, r1 - r0, n0, n1 - n0, q.device)
             dv[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, do_rows)
@@ -300,7 +321,7 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
         ds = p * (dp - delta[..., r0:r1, None])
         if th is not None:  # d(cap * tanh(x / cap)) / dx
             ds = ds * (1 - th * th)
-        dq[..., r0:r1, :] += torch.einsum("bhgqk,bhkd->bhgqd", ds, kc) * softmax_scale
+        dq[..., r0:r1, :] += _group_matmul(ds, kc) * softmax_scale
         dk[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", ds, q_rows) * softmax_scale
     return (
         _merge_heads(dq).to(q.dtype),

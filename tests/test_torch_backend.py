@@ -85,19 +85,22 @@ def test_decode_reads_only_the_filled_slots_and_matches_chunked(monkeypatch):
     assert torch.isfinite(out[:2]).all() and (out[2] == 0).all() and torch.isinf(lse[2]).all()
 
 
+@pytest.mark.parametrize("leftpad", [None, 0], ids=["no-leftpad", "zero-leftpad"])
 @pytest.mark.parametrize("seqlen_q", [1, 3], ids=["one-token", "three-tokens"])
-def test_equally_filled_caches_decode_without_masks(monkeypatch, seqlen_q):
+def test_equally_filled_caches_decode_without_masks(monkeypatch, seqlen_q, leftpad):
     """Sequences filled alike with no left padding need no per-sequence masks (one token sees
     every filled slot; more are masked causally as a dense call would): same answer as the fp64
-    reference and as the masked path a zero left padding forces, without a masked_fill."""
+    reference and as the per-sequence masks, without a masked_fill."""
     q, k, v = make_qkv(2, seqlen_q, 64, 4, 2, 16)
     seqlens = torch.tensor([40, 40], dtype=torch.int32)
     k[:, 40:], v[:, 40:] = float("nan"), float("nan")
-    masked = torch_backend.decode(q, k, v, seqlens, 0.25, True, cache_leftpad=torch.zeros(2, dtype=torch.int32))
+    zeros = torch.zeros(2, dtype=torch.long)
+    masked = torch_backend._dense_forward(q, k[:, :40], v[:, :40], 0.25, True, bounds=(zeros, seqlens.long()))
     fills = []
     real_masked_fill = torch.Tensor.masked_fill
     monkeypatch.setattr(torch.Tensor, "masked_fill", lambda *a: fills.append(1) or real_masked_fill(*a))
-    out, lse = torch_backend.decode(q, k, v, seqlens, 0.25, True)
+    pad = None if leftpad is None else torch.full((2,), leftpad, dtype=torch.int32)
+    out, lse = torch_backend.decode(q, k, v, seqlens, 0.25, True, cache_leftpad=pad)
     assert len(fills) == (0 if seqlen_q == 1 else 1)
     ref_out, ref_lse = attention_ref(q.double(), k[:, :40].double(), v[:, :40].double(), 0.25, True)
     for got, want in ((out, ref_out), (lse, ref_lse)):

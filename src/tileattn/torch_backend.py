@@ -205,7 +205,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         k, v = k[:, :filled], v[:, :filled]
         # every sequence filled alike and none left-padded (batch 1 always): the slots are exactly
         # the keys, aligned as a dense call aligns them, and need no per-sequence masks
-        per_sequence = cache_leftpad is not None or int(seqlens_k.min()) != filled
+        padded = cache_leftpad is not None and (cache_leftpad.device.type != "cpu" or bool(cache_leftpad.any()))
+        per_sequence = padded or int(seqlens_k.min()) != filled
     bounds = None
     if per_sequence:
         k_lo = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)

@@ -246,7 +246,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
             seen |= visible and n1 > n0
             # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
             m_safe = m_new if seen else torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()  # in place: s is this chunk's own tensor
             p_sum = p.sum(-1)
             if dropout[0] > 0:  # the output sees dropped probabilities; the LSE the undropped ones
                 p = p * _keep(dropout, first_batch, b, heads_kv, qf.shape[2], m0, m1 - m0, n0, n1 - n0, q.device)
@@ -255,8 +255,8 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
                 row_sum, acc = p_sum, pv
             else:
                 alpha = torch.exp(m - m_safe)
-                row_sum = row_sum * alpha + p_sum
-                acc = acc * alpha[..., None] + pv
+                row_sum = row_sum.mul_(alpha).add_(p_sum)
+                acc = acc.mul_(alpha[..., None]).add_(pv)
             m = m_new
         every_row_sees_a_key &= seen
         if m is None:  # no keys for these rows
@@ -311,17 +311,17 @@ def _dense_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
         q_rows, do_rows = qf[..., r0:r1, :], dof[..., r0:r1, :]
         s, th = _chunk_scores(q_scaled[..., r0:r1, :], kc, n0, seqlen_q, seqlen_k, causal, None, window_size, softcap,
                               alibi, r0)
-        p = torch.exp(s - lse[..., r0:r1, None])
+        p = s.sub_(lse[..., r0:r1, None]).exp_()  # in place, as below: each is this chunk's own tensor
         dp = _group_matmul(do_rows, vc.transpose(-1, -2))
         if dropout[0] > 0:
             keep = _keep(dropout, first_batch, b, heads_kv, qf.shape[2], r0, r1 - r0, n0, n1 - n0, q.device)
             dv[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", p * keep, do_rows)
-            dp = dp * keep
+            dp.mul_(keep)
         else:
             dv[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", p, do_rows)
-        ds = p * (dp - delta[..., r0:r1, None])
+        ds = dp.sub_(delta[..., r0:r1, None]).mul_(p)
         if th is not None:  # d(cap * tanh(x / cap)) / dx
-            ds = ds * (1 - th * th)
+            ds.mul_(1 - th * th)
         dq[..., r0:r1, :] += _group_matmul(ds, kc) * softmax_scale
         dk[:, :, n0:n1] = torch.einsum("bhgqk,bhgqd->bhkd", ds, q_rows) * softmax_scale
     return (

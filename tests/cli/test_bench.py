@@ -45,7 +45,8 @@ def test_ring_bench_runs_on_two_cpu_processes(tmp_path, capsys):
 def test_variants_bench_reports_every_variant(tmp_path):
     assert main(["bench", "--no-speed", "--variants", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "bench.md").read_text()
-    for name in ("causal, window (31, 0)", "softcap 30", "ALiBi", "window covering everything", "sinks", "dropout 0.1"):
+    for name in ("causal, window (31, 0)", "softcap 30", "ALiBi", "window (127, 0), one corner cut", "sinks",
+                 "dropout 0.1"):
         assert f"| {name}" in report, name
     assert (tmp_path / "variants.png").stat().st_size > 1000
 

@@ -37,6 +37,26 @@ def test_merged_splits_write_every_element(splits, head_dim):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_a_window_that_cuts_nothing_is_dropped(launch_flags):
+    """Against the cache's capacity: left = capacity - 1 and right = Sq - 1 reach every slot of
+    any fill, so the kernel runs without the window switch; one slot shorter it keeps it. Both
+    ways each sequence gets the oracle's answer over its own keys."""
+    flags = launch_flags("tileattn.kernels.decode", "_decode")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 32, generator=gen).to(DEVICE)
+    k_cache, v_cache = (torch.randn(2, 100, 2, 32, generator=gen).to(DEVICE) for _ in range(2))
+    seqlens = torch.tensor([100, 40], dtype=torch.int32, device=DEVICE)
+    for window, cuts in (((99, 2), False), ((98, 2), True), ((99, 1), True)):
+        flags.clear()
+        out, lse = decode(q, k_cache, v_cache, seqlens, 0.2, causal=False, window_size=window)
+        assert [f["WINDOW"] for f in flags] == [cuts], window
+        for b, n in enumerate(seqlens.tolist()):
+            ref_out, ref_lse = attention_ref(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], 0.2,
+                                             window_size=window)
+            torch.testing.assert_close(out[b : b + 1].double(), ref_out, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_split_counts_fill_at_most_a_wave():
     """A dense cache's splits never exceed one program per SM, a paged cache's two (more
     programs than that left a tail: BENCHMARKS.md), nor cut a split below 192 keys (512

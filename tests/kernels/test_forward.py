@@ -48,6 +48,28 @@ def test_varlen_forward_writes_every_element(tma):
     assert (lse[:, 1:39] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(37, 70), (70, 37)], ids=["sq<sk", "sq>sk"])
+def test_a_window_that_cuts_nothing_is_dropped(launch_flags, seqlen_q, seqlen_k):
+    """Window sides at the sequence's reach (left = Sk - 1, right = Sq - 1) cut no key: forward
+    and backward launch without the window switch. One key shorter on either side they keep
+    it. Both ways the result is the oracle's."""
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    launch_flags("tileattn.kernels.backward", "_dq", "_dkdv")
+    q, k, v = make_qkv(1, seqlen_q, seqlen_k, 2, 1, 32)
+    for window, cuts in (((seqlen_k - 1, seqlen_q - 1), False), ((seqlen_k - 2, -1), True),
+                         ((-1, seqlen_q - 2), True)):
+        flags.clear()
+        out, lse = kernels.forward(q, k, v, 0.2, False, window_size=window)
+        dout = torch.randn_like(out)
+        grads = kernels.backward(dout, q, k, v, out, lse, 0.2, False, window_size=window)
+        assert [f["WINDOW"] for f in flags] == [cuts] * 3, window
+        leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        ref_out, ref_lse = attention_ref(*leaves, 0.2, False, window_size=window)
+        ref_grads = torch.autograd.grad(ref_out, leaves, dout.double())
+        for got, want in zip((out, lse, *grads), (ref_out, ref_lse, *ref_grads)):
+            torch.testing.assert_close(got.double(), want.detach(), atol=5e-5, rtol=5e-5)
+
+
 def test_offsets_inside_a_tile_must_fit_32_bits():
     # meta tensors carry shapes and strides without memory; tile starts are 64-bit (a GPU test,
     # test_large_offsets, runs such sequences), offsets inside one tile are 32-bit

@@ -25,7 +25,15 @@ from .config import (
     pdl_launch,
     seqlen_bucket,
 )
-from .forward import alibi_batch_stride, check_offsets, dropout_args, strides, variant_args, variant_flags
+from .forward import (
+    alibi_batch_stride,
+    check_offsets,
+    dropout_args,
+    strides,
+    trim_window,
+    variant_args,
+    variant_flags,
+)
 from .tile import (
     LN2,
     LOG2E,
@@ -404,6 +412,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
     rows_q = q4.shape[1]  # all query rows of a batch entry (varlen: every packed row)
+    window_size = trim_window(window_size, seqlen_q, seqlen_k)
     wide = check_offsets(seqlen_q, q=q4, dout=do4, dq=dq4) | check_offsets(seqlen_k, k=k4, v=v4, dk=dk4, dv=dv4)
     delta = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     common = dict(**variant_flags(causal, window_size, softcap, alibi_slopes, q), DROPOUT=dropout[0] > 0,

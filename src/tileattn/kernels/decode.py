@@ -31,7 +31,7 @@ from .config import (
     pdl_launch,
     seqlen_bucket,
 )
-from .forward import alibi_batch_stride, check_offsets, positive_scale, variant_args, variant_flags
+from .forward import alibi_batch_stride, check_offsets, positive_scale, trim_window, variant_args, variant_flags
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
@@ -297,6 +297,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     paged = block_table is not None
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if paged else page_size
+    window_size = trim_window(window_size, seqlen_q, capacity)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:

@@ -221,6 +221,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     heads, heads_kv, head_dim = q4.shape[2], k4.shape[2], q4.shape[3]
+    window_size = trim_window(window_size, seqlen_q, seqlen_k)
     wide = check_offsets(seqlen_q, q=q4, out=o4) | check_offsets(seqlen_k, k=k4, v=v4)
     blocks = head_blocks(head_dim)
 
@@ -262,6 +263,17 @@ def window_bounds(causal: bool, window_size) -> tuple[bool, int, int]:
         right = 0 if right < 0 else min(right, 0)
     needed = left >= 0 or (right >= 0 and not causal)
     return needed, left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED
+
+
+def trim_window(window_size, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+    """window_size with each side that can cut no key at these lengths made unbounded (-1), so
+    a sliding window longer than the sequence (Mistral's 4096 on a shorter prompt) runs the
+    plain kernels. Query i sees keys from i + (seqlen_k - seqlen_q) - left, at most 0 for every
+    row once left >= seqlen_k - 1, up to i + (seqlen_k - seqlen_q) + right, past the last key
+    for every row once right >= seqlen_q - 1. Varlen passes the longest lengths, decode the
+    cache's capacity."""
+    left, right = window_size
+    return -1 if left >= seqlen_k - 1 else left, -1 if right >= seqlen_q - 1 else right
 
 
 def variant_args(causal: bool, window_size, softcap: float) -> tuple:

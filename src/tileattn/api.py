@@ -37,7 +37,8 @@ def flash_attn_func(
             flash-attn 2). A query that sees no key outputs 0 and has LSE = -inf.
         window_size: (left, right) sliding window: query i sees keys j with
             i + Sk - Sq - left <= j <= i + Sk - Sq + right; -1 is unbounded. With causal, right
-            is 0. Key tiles outside every row's window are skipped, so cost grows with the window.
+            is 0. Key tiles outside every row's window are skipped, so cost grows with the window;
+            a window reaching past the sequence (Mistral's 4096 on a shorter one) costs nothing.
         softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2).
         alibi_slopes: float32 (heads,) or (batch, heads): adds -slope * |i + Sk - Sq - j| to the
             scores after softcap (BLOOM, MPT). No gradient flows to the slopes.

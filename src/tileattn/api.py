@@ -38,7 +38,8 @@ def flash_attn_func(
         window_size: (left, right) sliding window: query i sees keys j with
             i + Sk - Sq - left <= j <= i + Sk - Sq + right; -1 is unbounded. With causal, right
             is 0. Key tiles outside every row's window are skipped, so cost grows with the window;
-            a window reaching past the sequence (Mistral's 4096 on a shorter one) costs nothing.
+            the GPU kernels run a window reaching past the sequence (Mistral's 4096 on a shorter
+            one) as no window.
         softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2).
         alibi_slopes: float32 (heads,) or (batch, heads): adds -slope * |i + Sk - Sq - j| to the
             scores after softcap (BLOOM, MPT). No gradient flows to the slopes.

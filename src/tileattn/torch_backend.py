@@ -243,7 +243,7 @@ def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, win
             s, _ = _chunk_scores(q_rows, kf[:, :, n0:n1], n0, seqlen_q, seqlen_k, causal, bounds, window_size,
                                  softcap, alibi, m0, visible)
             m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
-            seen |= visible and n1 > n0
+            seen |= visible  # every chunk of the loop holds at least one key
             # a row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN
             m_safe = m_new if seen else torch.where(m_new == float("-inf"), 0.0, m_new)
             p = s.sub_(m_safe[..., None]).exp_()  # in place: s is this chunk's own tensor

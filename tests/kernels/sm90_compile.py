@@ -103,6 +103,11 @@ def _variants(**kw) -> dict:
     return base | kw
 
 
+def _bwd(**kw) -> dict:
+    """A backward kernel's switches, launched as the sm_90 launcher launches it (a PDL chain)."""
+    return _variants(PDL=True, **kw)
+
+
 def cases():
     """(label, kernel, config, constexprs, specialized ints): each kernel's default tile config
     at head dims 128 (TMA forward) and 80 (split), plus the variant and length-1 corners."""
@@ -117,17 +122,16 @@ def cases():
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
     yield "fwd d80 split causal", "forward._fwd_kernel", SPLIT_DEFAULT, _variants(SINK=False, TMA=0, **d80), None
     for label, blocks in (("d128", d128), ("d80 split", d80)):
-        yield f"dq {label}", "backward._bwd_dq_kernel", dq, _variants(PDL=True, **blocks), None
-        yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _variants(PDL=True, **blocks), None
+        yield f"dq {label}", "backward._bwd_dq_kernel", dq, _bwd(**blocks), None
+        yield f"dk/dv {label}", "backward._bwd_dkdv_kernel", dkdv, _bwd(**blocks), None
     yield "fwd d128 pointers, 64-bit tile starts", "forward._fwd_kernel", fwd, _variants(
         SINK=False, TMA=0, WIDE=True, **d128), None
-    yield "dk/dv d128, 64-bit tile starts", "backward._bwd_dkdv_kernel", dkdv, _variants(
-        PDL=True, WIDE=True, **d128), None
-    yield "dq d128, 64-bit tile starts", "backward._bwd_dq_kernel", dq, _variants(PDL=True, WIDE=True, **d128), None
-    yield "dk/dv d128 dropout", "backward._bwd_dkdv_kernel", dkdv, _variants(PDL=True, DROPOUT=True, **d128), None
-    yield "dq d128 dropout", "backward._bwd_dq_kernel", dq, _variants(PDL=True, DROPOUT=True, **d128), None
-    yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _variants(
-        PDL=True, CAUSAL=False, **d128), dict(seqlen_q=1, seqlen_k=1)
+    yield "dk/dv d128, 64-bit tile starts", "backward._bwd_dkdv_kernel", dkdv, _bwd(WIDE=True, **d128), None
+    yield "dq d128, 64-bit tile starts", "backward._bwd_dq_kernel", dq, _bwd(WIDE=True, **d128), None
+    yield "dk/dv d128 dropout", "backward._bwd_dkdv_kernel", dkdv, _bwd(DROPOUT=True, **d128), None
+    yield "dq d128 dropout", "backward._bwd_dq_kernel", dq, _bwd(DROPOUT=True, **d128), None
+    yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _bwd(
+        CAUSAL=False, **d128), dict(seqlen_q=1, seqlen_k=1)
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
     decode_cases = (("paged d128", d128, True, False), ("paged d80 split", d80, True, False),
                     ("dense d128", d128, False, False), ("dense d128, PDL", d128, False, True))

@@ -6,7 +6,7 @@ import torch
 import tileattn
 from tileattn import ops
 
-from .helpers import make_qkv
+from .helpers import DEVICE, make_qkv
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -70,3 +70,17 @@ def test_eager_autograd_matches_the_registered_op(backend):
     grads = [torch.autograd.grad(f(q, k, v, *args)[0], (q, k, v, sink), dout) for f in (ops.fwd, ops.fwd_op)]
     for eager, registered in zip(*grads):
         torch.testing.assert_close(eager, registered, rtol=0, atol=0)
+
+
+def test_opcheck_packed_queries_over_pages(backend):
+    """fwd_kvcache with packed queries (flash_attn_varlen_func's paged path): schema, fake
+    shapes (LSE (heads, total_q)) and the registered op agree."""
+    q = torch.randn(9, 4, 16, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 4, 16, 2, 16, device=DEVICE).unbind(0)
+    cu_q = torch.tensor([0, 2, 9], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 30, 37], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, cu_k, None, None, table, 0.25, True, 0, -1, -1, 0.0, None, None, cu_q, 7)
+    torch.library.opcheck(ops.fwd_kvcache_op, args)
+    out, lse = ops.fwd_kvcache_op(*args)
+    assert out.shape == q.shape and lse.shape == (4, 9)

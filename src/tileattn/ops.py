@@ -38,6 +38,12 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def wants_grad(*tensors) -> bool:
+    """Whether a call must be differentiable: an input requires grad, or a torch.func
+    transform (which tracks gradients without requires_grad) is active."""
+    return _wants_grad(*tensors) or torch._C._are_functorch_transforms_active()
+
+
 def _direct(*tensors) -> bool:
     """Whether an op call may skip the dispatcher: eager, plain tensors, no gradient wanted."""
     return _eager(*tensors) and not _wants_grad(*tensors)
@@ -182,13 +188,14 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-                num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink):
+                num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink, cu_seqlens_q=None,
+                max_seqlen_q=0):
     """The tileattn::fwd_kvcache op (see ``_fwd_kvcache``), called directly where nothing needs the
     dispatcher (every eager decode step)."""
     args = (q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-            num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink)
+            num_splits, window_left, window_right, softcap, alibi_slopes, learnable_sink, cu_seqlens_q, max_seqlen_q)
     if _direct(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
-               learnable_sink):
+               learnable_sink, cu_seqlens_q):
         return _fwd_kvcache(*args)
     return fwd_kvcache_op(*args)
 
@@ -209,12 +216,17 @@ def _fwd_kvcache(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     learnable_sink: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Sq, H, D) over a KV cache (keys [leftpad, seqlens_k) per sequence):
-    (out like q, lse (B, H, Sq) float32). Forward only, as in flash-attn."""
+    (out like q, lse (B, H, Sq) float32). With cu_seqlens_q, q is packed (total_q, H, D), lse
+    (H, total_q), and seqlens_k is cu_seqlens_k (flash_attn_varlen_func's paged cache). Forward
+    only, as in flash-attn."""
     return get_backend(q.device).decode(q, k_cache, v_cache, seqlens_k, softmax_scale, causal, cache_batch_idx,
                                         cache_leftpad, block_table, num_splits, window_size=(window_left, window_right),
-                                        softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
+                                        softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
+                                        cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
 
 
 fwd_kvcache_op = torch.library.custom_op("tileattn::fwd_kvcache", _fwd_kvcache, mutates_args=())
@@ -222,8 +234,8 @@ fwd_kvcache_op = torch.library.custom_op("tileattn::fwd_kvcache", _fwd_kvcache, 
 
 @fwd_kvcache_op.register_fake
 def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, num_splits,
-      window_left, window_right, softcap, alibi_slopes, learnable_sink):
-    return q.new_empty(q.shape), q.new_empty(lse_shape(q, False), dtype=torch.float32)
+      window_left, window_right, softcap, alibi_slopes, learnable_sink, cu_seqlens_q=None, max_seqlen_q=0):
+    return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -18,11 +18,15 @@ def check_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
 
 
-def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head_dim)") -> None:
+def check_qkv(q, k, v, rank: int = 4, layout: str = "(batch, seqlen, heads, head_dim)", kv_rank: int | None = None,
+              kv_layout: str | None = None) -> None:
+    """q, k, v of one dtype and device, compatible heads and head dims; k and v may have their
+    own rank and layout (a paged cache's (num_blocks, page_size, heads_kv, head_dim))."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
-        if x.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(x.shape)}")
+        want, names = (rank, layout) if name == "q" or kv_rank is None else (kv_rank, kv_layout)
+        if x.dim() != want:
+            raise ValueError(f"{name} must have {want} dims {names}, got shape {tuple(x.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -116,18 +120,22 @@ def check_cu_type(name: str, cu, device=None) -> None:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
 
 
-def cu_bounds(name: str, cu: torch.Tensor, total: int, what: str = "the packed length") -> list[int]:
-    """cu's values as host ints (one read), checked: from 0, never decreasing, ending at total."""
+def cu_bounds(name: str, cu: torch.Tensor, total: int | None, what: str = "the packed length") -> list[int]:
+    """cu's values as host ints (one read), checked: from 0, never decreasing, ending at total
+    (when given)."""
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}...")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         raise ValueError(f"{name} must end at {what} {total}, got {values[-1]}")
     return values
 
 
-def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q: int, total_k: int, device):
-    """cu_seqlens: int32 (batch + 1,) running totals from 0 to the packed length."""
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q: int, total_k: int | None,
+                     device) -> list[int] | None:
+    """cu_seqlens: int32 (batch + 1,) running totals from 0 to the packed length (any end for
+    cu_seqlens_k when total_k is None: keys in a paged cache are not packed). Returns
+    cu_seqlens_k's values, or None where values cannot be read (tracing, graph capture)."""
     check_cu_type("cu_seqlens_q", cu_seqlens_q, device)
     check_cu_type("cu_seqlens_k", cu_seqlens_k, device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -139,7 +147,7 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{name} must be a non-negative int, got {m!r}")
     if not _inspectable():
-        return
+        return None
     for name, cu, total, max_name, max_len in (
         ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k),
@@ -148,6 +156,7 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
         longest = max((b - a for a, b in zip(values, values[1:])), default=0)
         if longest > max_len:
             raise ValueError(f"{max_name}={max_len} is shorter than the longest sequence ({longest})")
+    return values
 
 
 def _check_index(name: str, x, shape: tuple[int, ...], device) -> None:
@@ -190,14 +199,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
 
     if block_table is not None:
-        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
-            raise ValueError("block_table must be an int32 tensor (batch, max_blocks)")
-        _check_index("block_table", block_table, (batch, block_table.shape[1]), q.device)
-        if slots % 16 != 0:
-            raise ValueError(f"page_size (k_cache.shape[1] with a block_table) must be a multiple of 16, got {slots}")
+        capacity = check_block_table(block_table, k_cache, batch, q.device, "k_cache")
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (pages already pick the rows)")
-        capacity = block_table.shape[1] * slots
     else:
         capacity = slots
         if cache_batch_idx is not None:
@@ -259,8 +263,28 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         raise ValueError(f"cache_batch_idx entries must lie in 0..{k_cache.shape[0] - 1}, got "
                          f"{cache_batch_idx.tolist()[:8]}")
     if block_table is not None:
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < (ends[:, None] + slots - 1) // slots
-        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(f"block_table entries in use must lie in 0..{k_cache.shape[0] - 1} (k_cache's blocks)")
+        check_pages_in_use(block_table, ends, k_cache, "k_cache")
     return cache_seqlens
+
+
+def check_block_table(block_table, k_cache, batch: int, device, cache_name: str) -> int:
+    """block_table: int32 (batch, max_blocks) page indices into a cache whose page size
+    (k_cache.shape[1]) is a multiple of 16. Returns the capacity, max_blocks * page_size."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        raise ValueError("block_table must be an int32 tensor (batch, max_blocks)")
+    _check_index("block_table", block_table, (batch, block_table.shape[1]), device)
+    page_size = k_cache.shape[1]
+    if page_size % 16 != 0:
+        raise ValueError(f"page_size ({cache_name}.shape[1] with a block_table) must be a multiple of 16, got "
+                         f"{page_size}")
+    return block_table.shape[1] * page_size
+
+
+def check_pages_in_use(block_table, lengths: torch.Tensor, k_cache, cache_name: str) -> None:
+    """The pages holding each sequence's first lengths[b] positions must be blocks of the cache
+    (one host read)."""
+    page_size = k_cache.shape[1]
+    pages = (lengths.long().to(block_table.device)[:, None] + page_size - 1) // page_size
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages
+    if bool((used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any()):
+        raise ValueError(f"block_table entries in use must lie in 0..{k_cache.shape[0] - 1} ({cache_name}'s blocks)")

@@ -7,9 +7,32 @@ import torch
 
 from . import ops
 from .dropout import new_seed
-from .validation import check_cu_seqlens, check_features, check_packed, check_qkv, resolve_scale
+from .validation import (
+    check_block_table,
+    check_cu_seqlens,
+    check_features,
+    check_packed,
+    check_pages_in_use,
+    check_qkv,
+    resolve_scale,
+)
 
 _LAYOUT = "(total_tokens, heads, head_dim)"
+_PAGED = dict(kv_rank=4, kv_layout="(num_blocks, page_size, heads_kv, head_dim) with a block_table")
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                 cu_values: list[int] | None) -> torch.Tensor:
+    """(total_k, heads_kv, head_dim): each sequence's keys from its pages, packed one sequence
+    after another as cu_seqlens_k counts them; differentiable (the index's backward sums into
+    pages that sequences share). cu_values: cu_seqlens_k read on the host (None: read here)."""
+    lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    total = cu_values[-1] if cu_values is not None else int(cu_seqlens_k[-1])
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cache.device), lengths.long(),
+                                  output_size=total)
+    pos = torch.arange(total, device=cache.device) - cu_seqlens_k[seq]
+    page_size = cache.shape[1]
+    return cache[block_table[seq, pos // page_size].long(), pos % page_size]
 
 
 def flash_attn_varlen_func(
@@ -36,14 +59,20 @@ def flash_attn_varlen_func(
 
     Args:
         q: (total_q, heads, head_dim), the sequences' queries one after another.
-        k, v: (total_k, heads_kv, head_dim); heads % heads_kv == 0.
+        k, v: (total_k, heads_kv, head_dim); heads % heads_kv == 0. With block_table, a paged
+            cache instead: (num_blocks, page_size, heads_kv, head_dim), page_size a multiple of 16.
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,): sequence i is rows
-            cu_seqlens[i]:cu_seqlens[i + 1]. Empty sequences are allowed.
+            cu_seqlens[i]:cu_seqlens[i + 1]. Empty sequences are allowed. With block_table,
+            cu_seqlens_k only gives each sequence's key count (its last entry is free).
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (the kernel grid covers them).
         causal: per sequence, bottom-right aligned as in :func:`tileattn.flash_attn_func`.
+        block_table: optional int32 (batch, max_blocks): sequence i's key j is
+            k[block_table[i, j // page_size], j % page_size] (chunked prefill over a paged KV
+            cache, as flash-attn and vLLM use it). Without gradients or dropout the KV-cache
+            kernel reads the pages in place; otherwise the used pages are gathered into packed
+            K/V first, so gradients reach k and v (pages shared by sequences sum theirs).
         Other arguments (window_size, softcap, alibi_slopes: per sequence, slopes (batch, heads)
-        indexed by sequence) as in :func:`tileattn.flash_attn_func`; block_table (paged KV) is
-        served by :func:`tileattn.flash_attn_with_kvcache` instead.
+        indexed by sequence) as in :func:`tileattn.flash_attn_func`.
 
     Returns:
         out (total_q, heads, head_dim); with return_attn_probs=True, (out, softmax_lse, None)
@@ -56,13 +85,27 @@ def flash_attn_varlen_func(
         >>> flash_attn_varlen_func(q, q, q, cu, cu, 7, 7, causal=True).shape
         torch.Size([10, 4, 32])
     """
-    check_qkv(q, k, v, rank=3, layout=_LAYOUT)
-    if block_table is not None:
-        raise NotImplementedError("block_table with varlen is not supported yet; use flash_attn_with_kvcache")
-    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], q.device)
-    variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q.shape[0] - 1,
-                              q.shape[1], q.device, learnable_sink)
+    paged = block_table is not None
+    check_qkv(q, k, v, rank=3, layout=_LAYOUT, **(_PAGED if paged else {}))
+    cu_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
+                            None if paged else k.shape[0], q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    variants = check_features(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, q.shape[1],
+                              q.device, learnable_sink)
     scale = resolve_scale(softmax_scale, q.shape[-1])
+    if paged:
+        capacity = check_block_table(block_table, k, batch, q.device, "k")
+        if cu_k is not None:
+            longest = max((e - s for s, e in zip(cu_k, cu_k[1:])), default=0)
+            if longest > capacity:
+                raise ValueError(f"cu_seqlens_k: a sequence of {longest} keys exceeds block_table's capacity "
+                                 f"{block_table.shape[1]} pages x {k.shape[1]} = {capacity}")
+            check_pages_in_use(block_table, cu_seqlens_k[1:] - cu_seqlens_k[:-1], k, "k")
+        if dropout_p == 0 and not ops.wants_grad(q, k, v, learnable_sink):
+            out, lse = ops.fwd_kvcache(q, k, v, cu_seqlens_k, None, None, block_table, scale, bool(causal), 0,
+                                       *variants, alibi_slopes, learnable_sink, cu_seqlens_q, max_seqlen_q)
+            return (out, lse, None) if return_attn_probs else out
+        k, v = (gather_pages(x, block_table, cu_seqlens_k, cu_k) for x in (k, v))
     seed, offset = new_seed() if dropout_p > 0 else (0, 0)
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
                        bool(deterministic), *variants, float(dropout_p), seed, offset, alibi_slopes, learnable_sink)

@@ -59,3 +59,6 @@ def test_decode_bench_reports_each_layout(tmp_path):
                 "| 2 | 48 | 2 (2) | 80 | transformers |"):
         line = next(line for line in report.splitlines() if line.startswith(row))
         assert float(line.split("|")[6]) > 0, line  # tileattn's bandwidth was measured
+    for row in ("| 3 | 1 | 64 |", "| 2 | 17 | 48 |"):  # packed queries over pages, three ways
+        line = next(line for line in report.splitlines() if line.startswith(row))
+        assert line.count("ms") == 0 and line.count("(") == 3, line

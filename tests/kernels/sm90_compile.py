@@ -133,12 +133,12 @@ def cases():
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _bwd(
         CAUSAL=False, **d128), dict(seqlen_q=1, seqlen_k=1)
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
-    decode_cases = (("paged d128", d128, True, False), ("paged d80 split", d80, True, False),
-                    ("dense d128", d128, False, False), ("dense d128, PDL", d128, False, True))
-    for label, blocks, paged, pdl in decode_cases:
-        flags = _variants(**decode_flags, **blocks, PAGED=paged, PDL=pdl)
-        for key in ("DROPOUT", "VARLEN"):
-            flags.pop(key)
+    decode_cases = (("paged d128", d128, True, False, False), ("paged d80 split", d80, True, False, False),
+                    ("dense d128", d128, False, False, False), ("dense d128, PDL", d128, False, True, False),
+                    ("paged d128 packed queries, PDL", d128, True, True, True))
+    for label, blocks, paged, pdl, varlen in decode_cases:
+        flags = _variants(**decode_flags, **blocks, PAGED=paged, PDL=pdl, VARLEN=varlen)
+        flags.pop("DROPOUT")
         yield f"decode {label}", "decode._decode_kernel", dec, flags, None
     for n in (2560, 10240):  # both of gemv_config's choices
         block_n, block_k, warps = gemv_config(n)

@@ -116,3 +116,37 @@ def test_split_key_tells_cache_layouts_apart_but_not_capacities_in_one_bucket():
     assert key(flash) != key(transformers)
     assert key(flash) == key(torch.randn(1, 1100, 2, 16))
     assert key(flash) != key(torch.randn(1, 2100, 2, 16))
+
+
+@pytest.mark.parametrize("variant", ["plain", "window_softcap_alibi_sink"])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7], ids=lambda s: f"splits{s}")
+def test_packed_queries_over_pages(splits, variant):
+    """flash_attn_varlen_func's paged path: packed queries (an empty sequence, a single token, a
+    sequence with more queries than keys) over shuffled pages, NaN-poisoned outputs, each
+    split count against the oracle per sequence. Sequence b's keys are its pages' first
+    cu_k[b + 1] - cu_k[b] positions."""
+    gen = torch.Generator().manual_seed(3)
+    lq, lk, heads, heads_kv, dim, page = [3, 0, 17, 9], [20, 5, 33, 4], 4, 2, 32, 16
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for n in (lq, lk))
+    q = torch.randn(sum(lq), heads, dim, generator=gen).to(DEVICE)
+    pages = torch.randperm(12, generator=gen).view(4, 3).to(torch.int32).to(DEVICE)
+    k_cache, v_cache = (torch.randn(12, page, heads_kv, dim, generator=gen).to(DEVICE) for _ in range(2))
+    extra = {}
+    if variant != "plain":
+        extra = dict(window_size=(6, 2), softcap=3.0, alibi_slopes=torch.rand(4, heads, generator=gen).to(DEVICE),
+                     learnable_sink=torch.randn(heads, generator=gen).to(DEVICE))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((heads, sum(lq)), float("nan"), device=DEVICE)
+    decode(q, k_cache, v_cache, cu_k, 0.3, True, block_table=pages, num_splits=splits, out=out, lse=lse,
+           cu_seqlens_q=cu_q, max_seqlen_q=max(lq), **extra)
+    assert not out.isnan().any() and not lse.isnan().any()
+    for b in range(4):
+        qs, qe, n = cu_q[b].item(), cu_q[b + 1].item(), lk[b]
+        k, v = (c[pages[b].long()].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
+        ref_extra = dict(extra)
+        if "alibi_slopes" in extra:
+            ref_extra["alibi_slopes"] = extra["alibi_slopes"][b]
+        ref_out, ref_lse = attention_ref(q[None, qs:qe], k, v, 0.3, causal=True, **ref_extra)
+        torch.testing.assert_close(out[qs:qe].double(), ref_out[0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[:, qs:qe].double(), ref_lse[0], atol=2e-5, rtol=2e-5)

@@ -8,6 +8,11 @@ Bandwidth = bytes of K and V read / time. On the GPU every implementation is tim
 graph (triton.testing.do_bench_cudagraph) so launch overhead doesn't hide the memory time;
 "heuristic splits" is tileattn with the split count the rule alone picks, beside the default
 that times it against other counts. The CPU runs toy shapes so the command itself is tested.
+
+A second table serves flash_attn_varlen_func's paged cache (``block_table``): packed new
+queries of each sequence (one token each, or a causal chunk of a prefill) over its cached keys
+in shuffled pages, beside flash_attn_with_kvcache on the same pages and the dense varlen kernel
+on the same keys packed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kvcache import flash_attn_with_kvcache
+from ..varlen import flash_attn_varlen_func
 
 
 @dataclass(frozen=True)
@@ -143,4 +149,64 @@ def decode_table(rows) -> list[str]:
         ratio = f"{ours / cudnn:.2f}" if ours and cudnn else "—"
         lines.append(f"| {case.batch} | {case.seqlen} | {case.heads} ({case.heads_kv}) | {case.head_dim} | {layout} | "
                      + " | ".join(_fmt(speeds.get(n)) for n in IMPLS) + f" | {ratio} |")
+    return lines + [""]
+
+
+# (sequences, new queries each, cached keys each incl. the new ones), 32 query / 8 K/V heads of dim 128
+PACKED = [(8, 1, 8192), (4, 512, 4096), (2, 2048, 8192)]
+PACKED_TOY = [(3, 1, 64), (2, 17, 48)]
+
+
+def packed_paged_bench(device, log, timer, page_size=256) -> list[tuple]:
+    """Rows ((batch, new, keys), {impl: ms}, tflops) for packed queries over paged keys; causal,
+    bottom-right aligned (the new queries are each sequence's last keys)."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    heads, heads_kv, dim = (32, 8, 128) if gpu else (4, 2, 32)
+    page_size = page_size if gpu else 16
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch, new, keys in PACKED if gpu else PACKED_TOY:
+        q = torch.randn(batch * new, heads, dim, dtype=dtype, device=device)
+        k_cache, v_cache = (torch.randn(batch, keys, heads_kv, dim, dtype=dtype, device=device) for _ in range(2))
+        k_pages, v_pages, table = _paged(k_cache, v_cache, page_size, gen)
+        cu_q = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=device)
+        cu_k = torch.arange(0, batch * keys + 1, keys, dtype=torch.int32, device=device)
+        lens = torch.full((batch,), keys, dtype=torch.int32, device=device)
+        k_packed, v_packed = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        impls = {
+            "varlen, paged": lambda: flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, new, keys, causal=True,
+                                                            block_table=table),
+            "kvcache, paged": lambda: flash_attn_with_kvcache(q.view(batch, new, heads, dim), k_pages, v_pages,
+                                                              cache_seqlens=lens, block_table=table, causal=True),
+            "varlen, packed K/V": lambda: flash_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, new, keys,
+                                                                 causal=True),
+        }
+        ref = impls["varlen, packed K/V"]().float()
+        for name, fn in impls.items():
+            diff = (fn().float().reshape(ref.shape) - ref).abs().max().item()
+            if diff > 2e-2:
+                raise AssertionError(f"{name} differs from the packed varlen kernel by {diff:.2e} at "
+                                     f"{(batch, new, keys)}")
+        times = {name: _time_ms(timer, fn) for name, fn in impls.items()}
+        pairs = batch * (new * (keys - new) + new * (new + 1) // 2)
+        tflops = 4 * dim * heads * pairs / 1e12
+        rows.append(((batch, new, keys), times, tflops, 2 * k_cache.numel() * k_cache.element_size() / 1e12))
+        log(f"   packed {batch} x {new} over {keys} keys: " + ", ".join(
+            f"{n} {_fmt(ms)} ms" for n, ms in times.items()))
+    return rows
+
+
+def packed_table(rows) -> list[str]:
+    names = ["varlen, paged", "kvcache, paged", "varlen, packed K/V"]
+    lines = ["Packed queries over a paged cache (page 256, shuffled), causal, 32 query / 8 K/V heads of dim 128: "
+             "ms, and TB/s (K+V bytes / time) for one new token, TFLOP/s for prefill chunks:", "",
+             "| sequences | new queries | keys | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for (batch, new, keys), times, tflops, tbytes in rows:
+        def cell(ms):
+            if ms is None:
+                return "—"
+            rate = f"{tbytes / (ms / 1e3):.2f} TB/s" if new == 1 else f"{tflops / (ms / 1e3):.0f} TFLOP/s"
+            return f"{ms:.3f} ({rate})"
+        lines.append(f"| {batch} | {new} | {keys} | " + " | ".join(cell(times.get(n)) for n in names) + " |")
     return lines + [""]

@@ -63,7 +63,7 @@ _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)
 # takes registers the plain kernel's pick did not plan for
 _KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
         "DOT_PRECISION"]
-_EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "num_splits"]}
+_EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "VARLEN", "num_splits"]}
 
 
 def interpreting() -> bool:

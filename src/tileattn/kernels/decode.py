@@ -11,6 +11,11 @@ The cache is dense (batch_cache, capacity, heads_kv, head_dim), optionally index
 ``cache_batch_idx``, or paged (num_blocks, page_size, heads_kv, head_dim) through
 ``block_table`` (batch, max_blocks). Sequence b holds keys [leftpad[b], seqlens_k[b]); keys are
 numbered from leftpad inside the kernel, so causal alignment and masking are the dense ones.
+
+With ``cu_seqlens_q`` (``VARLEN``) the queries are packed as in flash_attn_varlen_func:
+sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of one (total_q, heads, dim) tensor
+and its keys the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] positions of its pages (how
+flash_attn_varlen_func serves a paged cache); programs past a sequence's rows exit.
 """
 
 import functools
@@ -19,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import lse_shape
 from .config import (
     autotuned,
     autotuning,
@@ -31,7 +37,15 @@ from .config import (
     pdl_launch,
     seqlen_bucket,
 )
-from .forward import alibi_batch_stride, check_offsets, positive_scale, trim_window, variant_args, variant_flags
+from .forward import (
+    alibi_batch_stride,
+    check_offsets,
+    positive_scale,
+    strides,
+    trim_window,
+    variant_args,
+    variant_flags,
+)
 from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
@@ -80,7 +94,7 @@ def _decode_tile(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable, Alibi, Sinks,
+    Q, K, V, Out, Lse, SeqlensK, BatchIdx, LeftPad, BlockTable, Alibi, Sinks, CuSeqQ,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -90,7 +104,7 @@ def _decode_kernel(
     seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
-    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -104,7 +118,17 @@ def _decode_kernel(
     k_lo = 0
     if HAS_LEFTPAD:
         k_lo = tl.load(LeftPad + b)
-    seqlen_k = tl.load(SeqlensK + b) - k_lo
+    if VARLEN:  # SeqlensK holds cu_seqlens_k; seqlen_q was the longest sequence's length
+        seqlen_k = tl.load(SeqlensK + b + 1) - tl.load(SeqlensK + b)
+        q_start = tl.load(CuSeqQ + b).to(tl.int64)
+        seqlen_q = tl.load(CuSeqQ + b + 1) - q_start.to(tl.int32)
+        if start_r >= seqlen_q * group:
+            return
+        Q += q_start * stride_qm
+        Out += q_start * stride_om
+        Lse += q_start
+    else:
+        seqlen_k = tl.load(SeqlensK + b) - k_lo
 
     offs_r = start_r + tl.arange(0, BLOCK_M)
     mask_r = offs_r < seqlen_q * group
@@ -281,7 +305,7 @@ def _split_key(q, k_cache, capacity, paged, *flags):
 
 def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, cache_batch_idx=None,
            cache_leftpad=None, block_table=None, num_splits: int = 0, out=None, lse=None, window_size=(-1, -1),
-           softcap: float = 0.0, alibi_slopes=None, learnable_sink=None):
+           softcap: float = 0.0, alibi_slopes=None, learnable_sink=None, cu_seqlens_q=None, max_seqlen_q: int = 0):
     """Launch attention of q (B, Sq, H, D) over a KV cache; returns out (B, Sq, H, D) and lse
     (B, H, Sq) float32.
 
@@ -290,8 +314,15 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     (num_blocks, page_size, Hkv, D) with block_table (B, max_blocks) int32. Arguments are
     assumed checked (see tileattn.kvcache). num_splits=0 picks the split count. Variants as in
     :func:`tileattn.kernels.forward.forward`.
+
+    Packed queries (cu_seqlens_q int32 (B + 1,) given, max_seqlen_q the longest): q (total_q, H,
+    D) -> out (total_q, H, D), lse (H, total_q), and seqlens_k is cu_seqlens_k: sequence b's keys
+    are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] cache positions. The split count is then
+    the rule's, untimed (each packing is a new shape).
     """
-    batch, seqlen_q, heads, head_dim = q.shape
+    varlen = cu_seqlens_q is not None
+    heads, head_dim = q.shape[-2:]
+    batch, seqlen_q = (cu_seqlens_q.shape[0] - 1, max_seqlen_q) if varlen else q.shape[:2]
     heads_kv = k_cache.shape[2]
     group = heads // heads_kv
     paged = block_table is not None
@@ -301,7 +332,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     q, softmax_scale = positive_scale(q, softmax_scale)
@@ -309,7 +340,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     m_tiles = triton.cdiv(seqlen_q * group, block_m)
     if num_splits <= 0:
         num_splits = choose_splits(batch * heads_kv * m_tiles, capacity, q.device, paged)
-        if q.is_cuda and autotuning():
+        if q.is_cuda and autotuning() and not varlen:
             args = (q, k_cache, v_cache, seqlens_k, softmax_scale, causal, cache_batch_idx, cache_leftpad, block_table)
             variant = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                            learnable_sink=learnable_sink)
@@ -317,15 +348,17 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
                              learnable_sink is None, cache_batch_idx is None, cache_leftpad is None)
             num_splits = tuned_splits(key, num_splits, lambda splits: graph_bench(
                 lambda: decode(*args, num_splits=splits, out=out, lse=lse, **variant)))
+    # packed rows are one batch entry to the output side (the kernel offsets each sequence's rows)
+    q4, o4, l3 = (x.unsqueeze(0) for x in (q, out, lse)) if varlen else (q, out, lse)
     num_splits = min(num_splits, MAX_SPLITS)
     if num_splits > 1:
-        out_split = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse_split = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=q.device)
+        out_split = torch.empty((num_splits, *q4.shape), dtype=torch.float32, device=q.device)
+        lse_split = torch.empty((num_splits, *l3.shape), dtype=torch.float32, device=q.device)
     else:
-        out_split, lse_split = out.unsqueeze(0), lse.unsqueeze(0)
+        out_split, lse_split = o4.unsqueeze(0), l3.unsqueeze(0)
     precision = dot_precision(q.dtype)
     # a dense cache's rows are addressed from its batch entry, a paged cache's from its start
-    wide = check_offsets(seqlen_q, q=q, out=out) | check_offsets(page_size, k_cache=k_cache, v_cache=v_cache)
+    wide = check_offsets(seqlen_q, q=q4, out=o4) | check_offsets(page_size, k_cache=k_cache, v_cache=v_cache)
     wide |= paged and max(k_cache.shape[0] * abs(k_cache.stride(0)), v_cache.shape[0] * abs(v_cache.stride(0))) >= 2**31
     dummy = seqlens_k  # unused pointer arguments
     pdl = pdl_launch(q.device)
@@ -333,22 +366,28 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
         cache_leftpad if cache_leftpad is not None else dummy,
-        block_table if paged else dummy, alibi_slopes, learnable_sink,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_split.stride(), *lse_split.stride()[:3],
+        block_table if paged else dummy, alibi_slopes, learnable_sink, cu_seqlens_q,
+        *strides(q4, varlen), *k_cache.stride(), *v_cache.stride(), *_split_strides(out_split, varlen),
+        *_split_strides(lse_split, varlen)[:3],
         block_table.stride(0) if paged else 0, alibi_batch_stride(alibi_slopes),
         seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
-        HAS_BATCH_IDX=cache_batch_idx is not None and not paged,
-        HAS_LEFTPAD=cache_leftpad is not None, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision,
-        BLOCK_M=block_m, **pdl,
+        HAS_BATCH_IDX=cache_batch_idx is not None and not paged, HAS_LEFTPAD=cache_leftpad is not None,
+        VARLEN=varlen, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision, BLOCK_M=block_m, **pdl,
     )
     if num_splits > 1:
-        _combine_kernel[(batch * seqlen_q, heads)](
-            out_split, lse_split, out, lse,
-            *out_split.stride()[:4], *lse_split.stride()[:3], *out.stride(), *lse.stride()[:2],
-            seqlen_q, heads, head_dim, num_splits,
+        rows = q4.shape[1]  # packed: every query row of the one batch entry
+        _combine_kernel[(q4.shape[0] * rows, heads)](
+            out_split, lse_split, o4, l3,
+            *out_split.stride()[:4], *lse_split.stride()[:3], *o4.stride(), *l3.stride()[:2],
+            rows, heads, head_dim, num_splits,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=head_block(head_dim), DOT_PRECISION=precision,
             **pdl,
         )
     return out, lse
+
+
+def _split_strides(x, varlen: bool):
+    """A per-split output's strides (split, batch, ...), the batch stride zeroed for packed rows."""
+    return (x.stride(0), 0, *x.stride()[2:]) if varlen else x.stride()

@@ -42,7 +42,7 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
     capability = (9, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     config._hopper_index.cache_clear()  # the capability is cached per device; this test changes it
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(config, "_INTERPRETED", False)
     monkeypatch.delenv("TILEATTN_PDL", raising=False)
     assert config.use_pdl(cuda)
     assert config.pdl_launch(cuda) == dict(PDL=True, launch_pdl=True)
@@ -56,7 +56,7 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
     monkeypatch.setenv("TILEATTN_PDL", "0")
     assert not config.use_pdl(cuda)
     monkeypatch.setenv("TILEATTN_PDL", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(config, "_INTERPRETED", True)
     assert not config.use_pdl(cuda)
     config._hopper_index.cache_clear()  # leave no fake capability behind
 

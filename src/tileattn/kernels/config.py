@@ -61,13 +61,24 @@ _FP32_CONFIGS = {
 _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32), "decode": (None, 32)}
 # what a tuned config is chosen per (names a kernel lacks are skipped); DROPOUT: its Philox work
 # takes registers the plain kernel's pick did not plan for
-_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
+_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "SINK", "DROPOUT", "BLOCK_D", "BLOCK_D2", "SPLIT_D",
         "DOT_PRECISION"]
 _EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "VARLEN", "num_splits"]}
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton's interpreter runs the kernels. Triton decides that when it decorates a
+    kernel (TRITON_INTERPRET at import), so this asks a kernel decorated here, once, instead of
+    reading the environment on every launch (several reads a launch were ~10 us of host time)."""
+    return _INTERPRETED
+
+
+_INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 
 
 def autotuning() -> bool:
@@ -252,10 +263,11 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
         return tuple(configs if select is None else select(configs, kwargs))
 
     def variant_key(configs, args, kwargs) -> tuple:
-        """(config list, the key arguments' values, tensor dtypes): what Triton's autotuner keys
-        its choice on, plus the list the choice is made from."""
+        """(config list, the key arguments' values, the inputs' dtype): what a choice is made
+        for. Triton's autotuner keys on every tensor argument's dtype; the first argument's (q)
+        decides the tiles' operands, and scanning ~50 arguments per launch cost host time."""
         return (configs, *(args[i] if i < len(args) else kwargs[name] for name, i in positions.items()),
-                *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+                args[0].dtype)
 
     def launch_fixed(grid, args, kwargs):
         if interpreting():

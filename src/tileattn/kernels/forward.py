@@ -310,8 +310,10 @@ def check_offsets(seqlen: int, **tensors) -> bool:
     inside one tile always 32-bit: refuse strides those cannot reach."""
     wide = False
     for name, x in tensors.items():  # (batch, rows, heads, dim)
-        wide |= seqlen * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3)) >= 2**31
-        extent = min(seqlen, MAX_TILE_ROWS) * abs(x.stride(1)) + x.shape[3] * abs(x.stride(3))
+        _, row, _, col = x.stride()
+        row, width = abs(row), x.shape[3] * abs(col)
+        wide |= seqlen * row + width >= 2**31
+        extent = min(seqlen, MAX_TILE_ROWS) * row + width
         if extent >= 2**31:
             raise ValueError(
                 f"{name}: row stride {x.stride(1)} and dim stride {x.stride(3)} make one {MAX_TILE_ROWS}-row tile span "

@@ -84,3 +84,18 @@ def test_opcheck_packed_queries_over_pages(backend):
     torch.library.opcheck(ops.fwd_kvcache_op, args)
     out, lse = ops.fwd_kvcache_op(*args)
     assert out.shape == q.shape and lse.shape == (4, 9)
+
+
+def test_compile_fullgraph_packed_queries_over_pages(backend):
+    """flash_attn_varlen_func with block_table traces whole (value checks skipped while tracing)."""
+    q = torch.randn(9, 4, 16, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 4, 16, 2, 16, device=DEVICE).unbind(0)
+    cu_q = torch.tensor([0, 2, 9], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 30, 37], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=DEVICE)
+
+    def block(q, k, v):
+        return tileattn.flash_attn_varlen_func(q * 2, k, v, cu_q, cu_k, 7, 30, causal=True, block_table=table)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k_cache, v_cache), block(q, k_cache, v_cache), rtol=0, atol=0)

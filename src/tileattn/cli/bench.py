@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
+    p.add_argument("--paged-varlen", action="store_true",
+                   help="packed queries over a paged cache (flash_attn_varlen_func's block_table) against "
+                        "flash_attn_with_kvcache and the dense varlen kernel")
     p.add_argument("--variants", action="store_true",
                    help="cost of sliding window, softcap, ALiBi, sinks and dropout against plain causal attention")
     p.add_argument("--ring", action="store_true",
@@ -510,6 +513,7 @@ def run(args) -> int:
     if args.decode:
         log("== KV-cache decode bandwidth")
         decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True))
+    if args.paged_varlen:
         log("== packed queries over a paged cache (flash_attn_varlen_func's block_table)")
         packed_rows = packed_paged_bench(device, log, lambda fn: _bench(fn, device, graph=True))
     ring_rows = []

@@ -9,10 +9,10 @@ graph (triton.testing.do_bench_cudagraph) so launch overhead doesn't hide the me
 "heuristic splits" is tileattn with the split count the rule alone picks, beside the default
 that times it against other counts. The CPU runs toy shapes so the command itself is tested.
 
-A second table serves flash_attn_varlen_func's paged cache (``block_table``): packed new
-queries of each sequence (one token each, or a causal chunk of a prefill) over its cached keys
-in shuffled pages, beside flash_attn_with_kvcache on the same pages and the dense varlen kernel
-on the same keys packed.
+``tileattn bench --paged-varlen`` times flash_attn_varlen_func's paged cache (``block_table``):
+packed new queries of each sequence (one token each, or a causal chunk of a prefill) over its
+cached keys in shuffled pages, beside flash_attn_with_kvcache on the same pages and the dense
+varlen kernel on the same keys packed.
 """
 
 from __future__ import annotations

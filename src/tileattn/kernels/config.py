@@ -74,7 +74,7 @@ def _probe():
 def interpreting() -> bool:
     """Whether Triton's interpreter runs the kernels. Triton decides that when it decorates a
     kernel (TRITON_INTERPRET at import), so this asks a kernel decorated here, once, instead of
-    reading the environment on every launch (several reads a launch were ~10 us of host time)."""
+    reading the environment several times on every launch."""
     return _INTERPRETED
 
 

@@ -64,8 +64,8 @@ def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):
 class _FakeKernel:
     """Records launches; arg_names as a JITFunction has them."""
 
-    arg_names = ["Q", "K", "SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "BLOCK_D", "BLOCK_D2",
-                 "SPLIT_D", "DOT_PRECISION", "TMA", "BLOCK_M", "BLOCK_N"]
+    arg_names = ["Q", "K", "SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "SINK", "DROPOUT", "VARLEN",
+                 "BLOCK_D", "BLOCK_D2", "SPLIT_D", "DOT_PRECISION", "TMA", "BLOCK_M", "BLOCK_N"]
 
     def __init__(self, too_big=lambda kwargs: False):
         self.launches, self.too_big = [], too_big
@@ -78,14 +78,14 @@ class _FakeKernel:
         return launch
 
 
-_FLAGS = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, TMA=0, **config.head_blocks(128),
-              DOT_PRECISION="tf32")
+_FLAGS = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, SINK=False, DROPOUT=False, VARLEN=False, TMA=0,
+              **config.head_blocks(128), DOT_PRECISION="tf32")
 
 
 def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
     """After Triton's autotuner has picked a config for a key, launches with that key go to the
     kernel directly with the pick (and the prepare hook sees it); a new key value, positional or
-    keyword, or a new tensor dtype tunes again."""
+    keyword (packed sequences and sinks included), or a new input dtype tunes again."""
     kernel, tuned, hooked = _FakeKernel(), [], []
 
     class FakeTuner:
@@ -117,7 +117,9 @@ def test_tuned_configs_are_reused_without_the_autotuner(monkeypatch):
     launch["grid"](q, q, 7, **(flags | dict(CAUSAL=False)))
     launch["grid"](q, q, 7, **(flags | dict(DROPOUT=True)))
     launch["grid"](q.half(), q.half(), 7, **flags)
-    assert tuned == [7, 8, 7, 7, 7] and len(kernel.launches) == 2
+    launch["grid"](q, q, 7, **(flags | dict(VARLEN=True)))
+    launch["grid"](q, q, 7, **(flags | dict(SINK=True)))
+    assert tuned == [7, 8, 7, 7, 7, 7, 7] and len(kernel.launches) == 2
 
 
 def test_a_config_one_variant_cannot_fit_stays_first_for_the_others(monkeypatch):

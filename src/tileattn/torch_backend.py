@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import keep_mask
-from .layout import lse_shape
+from .layout import gather_pages, lse_shape
 
 BLOCK_K = 256
 # query rows per block where a causal mask or a window lets whole key chunks be skipped, as the
@@ -189,10 +189,12 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
 
     The batch's cache rows (pages, or cache_batch_idx rows) are gathered into one dense tensor
     and attended in chunks; num_splits only matters to the GPU kernel."""
-    if cu_seqlens_q is not None:
-        return _packed_decode(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, softmax_scale, causal,
-                              window_size=window_size, softcap=softcap, learnable_sink=learnable_sink,
-                              alibi_slopes=alibi_slopes)
+    if cu_seqlens_q is not None:  # the sequences' keys packed, then the varlen forward
+        pages = block_table if block_table is not None else torch.arange(
+            k_cache.shape[0], dtype=torch.int32, device=q.device)[:, None]  # a dense cache row is one page
+        k, v = (gather_pages(cache, pages, seqlens_k, None) for cache in (k_cache, v_cache))
+        return forward(q, k, v, softmax_scale, causal, cu_seqlens_q, seqlens_k, window_size=window_size,
+                       softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
     batch = q.shape[0]
     if block_table is not None:
         idx = block_table.long()
@@ -218,25 +220,6 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         bounds = (k_lo.long(), seqlens_k.long())
     return _dense_forward(q, k, v, softmax_scale, causal, bounds=bounds, window_size=window_size, softcap=softcap,
                           alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
-
-
-def _packed_decode(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale, causal,
-                   alibi_slopes=None, **variants):
-    """Packed queries over their sequences' cache positions, one sequence at a time: sequence b
-    attends to the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] positions of its pages (or of
-    cache row b of a dense cache)."""
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(lse_shape(q, varlen=True), dtype=torch.float32, device=q.device)
-    for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        if block_table is not None:
-            pages = block_table[b, : (ke - ks + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
-            k, v = k_cache[pages].flatten(0, 1)[: ke - ks], v_cache[pages].flatten(0, 1)[: ke - ks]
-        else:
-            k, v = k_cache[b, : ke - ks], v_cache[b, : ke - ks]
-        o, row_lse = _dense_forward(q[None, qs:qe], k[None], v[None], softmax_scale, causal,
-                                    alibi_slopes=_row(alibi_slopes, b), **variants)
-        out[qs:qe], lse[:, qs:qe] = o[0], row_lse[0]
-    return out, lse
 
 
 def _dense_forward(q, k, v, softmax_scale: float, causal: bool, bounds=None, window_size=(-1, -1),

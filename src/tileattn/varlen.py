@@ -7,6 +7,7 @@ import torch
 
 from . import ops
 from .dropout import new_seed
+from .layout import gather_pages
 from .validation import (
     check_block_table,
     check_cu_seqlens,
@@ -19,20 +20,6 @@ from .validation import (
 
 _LAYOUT = "(total_tokens, heads, head_dim)"
 _PAGED = dict(kv_rank=4, kv_layout="(num_blocks, page_size, heads_kv, head_dim) with a block_table")
-
-
-def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                 cu_values: list[int] | None) -> torch.Tensor:
-    """(total_k, heads_kv, head_dim): each sequence's keys from its pages, packed one sequence
-    after another as cu_seqlens_k counts them; differentiable (the index's backward sums into
-    pages that sequences share). cu_values: cu_seqlens_k read on the host (None: read here)."""
-    lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    total = cu_values[-1] if cu_values is not None else int(cu_seqlens_k[-1])
-    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cache.device), lengths.long(),
-                                  output_size=total)
-    pos = torch.arange(total, device=cache.device) - cu_seqlens_k[seq]
-    page_size = cache.shape[1]
-    return cache[block_table[seq, pos // page_size].long(), pos % page_size]
 
 
 def flash_attn_varlen_func(

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tileattn.kernels.config import _GPU_CONFIGS, head_blocks
+from tileattn.kernels.config import _GPU_CONFIGS, TALL_ROWS, head_blocks
 from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT
 from tileattn.kernels.gemv import gemv_config
 
@@ -77,7 +77,8 @@ def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | No
     block_m, block_n, warps, stages = config
     constexprs = dict(flags, BLOCK_N=block_n, **({} if block_m is None else {"BLOCK_M": block_m}))
     specialized = dict(specialized or {})  # integers Triton specializes (e.g. a length of 1)
-    if flags.get("TMA") != 2:  # descriptors are passed as None
+    host_descs = flags.get("TMA") == 2 or (kernel.startswith("decode.") and flags.get("TMA"))
+    if not host_descs:  # descriptors are passed as None
         specialized.update({p.name: None for p in fn.params if p.name.endswith("Desc")})
     unit_strides, attrs = _launch_specialization(fn, specialized)
     specialized.update(unit_strides)
@@ -132,7 +133,7 @@ def cases():
     yield "dq d128 dropout", "backward._bwd_dq_kernel", dq, _bwd(DROPOUT=True, **d128), None
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _bwd(
         CAUSAL=False, **d128), dict(seqlen_q=1, seqlen_k=1)
-    decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16)
+    decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16, TMA=False)
     decode_cases = (("paged d128", d128, True, False, False), ("paged d80 split", d80, True, False, False),
                     ("dense d128", d128, False, False, False), ("dense d128, PDL", d128, False, True, False),
                     ("paged d128 packed queries, PDL", d128, True, True, True))
@@ -140,6 +141,12 @@ def cases():
         flags = _variants(**decode_flags, **blocks, PAGED=paged, PDL=pdl, VARLEN=varlen)
         flags.pop("DROPOUT")
         yield f"decode {label}", "decode._decode_kernel", dec, flags, None
+    for tma in (False, True):  # prefill chunks over pages: pages of 16 (pointers) and of 256 (TMA)
+        tall = _variants(**decode_flags | dict(BLOCK_M=TALL_ROWS, HAS_LEFTPAD=False, TMA=tma), **d128, PAGED=True,
+                         PDL=True, VARLEN=True)
+        tall.pop("DROPOUT")
+        yield f"decode paged d128 tall tiles, {'TMA' if tma else 'pointers'}, PDL", "decode._decode_kernel", \
+            _GPU_CONFIGS["decode_tall"][128][0], tall, None
     for n in (2560, 10240):  # both of gemv_config's choices
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):

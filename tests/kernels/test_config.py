@@ -31,10 +31,12 @@ def test_fp32_is_never_computed_in_tf32():
 
 
 def test_every_head_class_has_configs():
-    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+    for kind in ("fwd", "bwd_dkdv", "bwd_dq", "decode"):
         for block_d in (16, 32, 64, 128, 256):
             for precision in ("tf32", "ieee"):
-                assert config._configs(kind, block_d, precision)
+                assert config.configs(kind, block_d, precision)
+    for block_d in (16, 32, 64, 128):  # tall decode tiles: fp16/bf16 up to head dim 128 only
+        assert config.configs("decode_tall", block_d)
 
 
 def test_pdl_is_on_for_hopper_unless_turned_off(monkeypatch):

@@ -5,8 +5,10 @@ import importlib
 import pytest
 import torch
 
+from tileattn.kernels.config import head_blocks, use_tma
 from tileattn.kernels.decode import choose_splits, decode
 from tileattn.reference import attention_ref
+from tileattn.testing import Check, _max_err, _rounding_atol
 
 from ..helpers import DEVICE
 
@@ -48,7 +50,7 @@ def test_a_window_that_cuts_nothing_is_dropped(launch_flags):
     seqlens = torch.tensor([100, 40], dtype=torch.int32, device=DEVICE)
     for window, cuts in (((99, 2), False), ((98, 2), True), ((99, 1), True)):
         flags.clear()
-        out, lse = decode(q, k_cache, v_cache, seqlens, 0.2, causal=False, window_size=window)
+        out, lse = decode(q, k_cache, v_cache, seqlens, 0.2, causal=False, window_size=window, num_splits=2)
         assert [f["WINDOW"] for f in flags] == [cuts], window
         for b, n in enumerate(seqlens.tolist()):
             ref_out, ref_lse = attention_ref(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], 0.2,
@@ -150,3 +152,69 @@ def test_packed_queries_over_pages(splits, variant):
         ref_out, ref_lse = attention_ref(q[None, qs:qe], k, v, 0.3, causal=True, **ref_extra)
         torch.testing.assert_close(out[qs:qe].double(), ref_out[0], atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse[:, qs:qe].double(), ref_lse[0], atol=2e-5, rtol=2e-5)
+
+
+CACHES = {"dense": None, "pages128": 128, "pages16": 16}
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=list(CACHES))
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_many_query_rows_take_tall_tiles(launch_flags, monkeypatch, splits, cache):
+    """A prefill chunk over a cache (70 new tokens x a group of 2 = 140 (query, head) rows) runs
+    128-row tiles in bf16, the second tile partly past the rows, with K/V through TMA where
+    every key tile lies in one page (dense, pages of 128; not 16) and the device takes TMA
+    (use_tma: the interpreter, an sm_90+ GPU at head dim 128); fp32 keeps 64-row pointer tiles.
+    Slots past each sequence hold NaN, outputs are poisoned; against the fp64 oracle per
+    sequence within 2x PyTorch's own error. Eight SMs on any device, so the 8 tall programs
+    fill a wave (the rule's other condition)."""
+    monkeypatch.setattr(importlib.import_module("tileattn.kernels.decode"), "_sms", lambda device: 8)
+    flags = launch_flags("tileattn.kernels.decode", "_decode")
+    gen = torch.Generator().manual_seed(5)
+    seqlen_q, heads, heads_kv, dim, capacity = 70, 4, 2, 128, 256  # TMA's head dim on an H100 too
+    seqlens = torch.tensor([200, 70], dtype=torch.int32, device=DEVICE)
+    page = CACHES[cache]
+    variant = dict(causal=True, window_size=(90, 0), softcap=4.0)
+    for dtype, rows in ((torch.bfloat16, 128), (torch.float32, 64)):
+        q = torch.randn(2, seqlen_q, heads, dim, generator=gen).to(DEVICE, dtype)
+        k_cache, v_cache = (torch.randn(2, capacity, heads_kv, dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        for b, n in enumerate(seqlens.tolist()):
+            k_cache[b, n:], v_cache[b, n:] = float("nan"), float("nan")
+        paged = {}
+        k_in, v_in = k_cache, v_cache
+        if page is not None:  # the same slots in shuffled pages
+            count = capacity // page
+            order = torch.randperm(2 * count, generator=gen)
+            table = order.view(2, count).to(torch.int32).to(DEVICE)
+            k_in, v_in = (torch.empty(2 * count, page, heads_kv, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+            k_in[order.to(DEVICE)] = k_cache.reshape(2 * count, page, heads_kv, dim)
+            v_in[order.to(DEVICE)] = v_cache.reshape(2 * count, page, heads_kv, dim)
+            paged = dict(block_table=table)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((2, heads, seqlen_q), float("nan"), device=DEVICE)
+        flags.clear()
+        decode(q, k_in, v_in, seqlens, dim**-0.5, num_splits=splits, out=out, lse=lse, **variant, **paged)
+        tma = rows == 128 and page != 16 and use_tma(head_blocks(dim), k_in, v_in)
+        assert [(f["BLOCK_M"], f["TMA"]) for f in flags] == [(rows, tma)]
+        assert not out.isnan().any() and not lse.isnan().any()
+        for b, n in enumerate(seqlens.tolist()):
+            kv = (k_cache[b : b + 1, :n], v_cache[b : b + 1, :n])
+            ref_out, ref_lse = attention_ref(q[b : b + 1], *kv, dim**-0.5, **variant)
+            low_out, low_lse = attention_ref(q[b : b + 1], *kv, dim**-0.5, upcast=False, **variant)
+            for name, ours, low, ref in (("out", out[b : b + 1], low_out, ref_out),
+                                         ("lse", lse[b : b + 1], low_lse, ref_lse)):
+                check = Check(f"{name} {dtype}", _max_err(ours, ref), _max_err(low, ref), _rounding_atol(ref, dtype))
+                assert check.ok, str(check)
+
+
+def test_tall_tiles_only_where_they_fill_a_wave():
+    """128-row tiles for >= 128 rows in fp16/bf16 up to head dim 128 when their programs fill
+    the SMs (the CPU stands in for 8); else at most 64 rows, at least 16."""
+    decode_module = importlib.import_module("tileattn.kernels.decode")
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert decode_module._block_rows(1024, 1, 128, bf16) == 128  # 8 tiles of one sequence's rows
+    assert decode_module._block_rows(256, 3, 64, bf16) == 64  # 6 programs: half the wave idle
+    assert decode_module._block_rows(256, 4, 80, bf16) == 128
+    assert decode_module._block_rows(1024, 8, 128, fp32) == 64
+    assert decode_module._block_rows(1024, 8, 256, bf16) == 64
+    assert decode_module._block_rows(4, 8, 128, bf16) == 16
+    assert decode_module._block_rows(40, 8, 128, bf16) == 64

@@ -50,7 +50,14 @@ _GPU_CONFIGS = {
         128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 2, 3)],
         256: [(None, 64, 4, 3), (None, 32, 4, 3), (None, 64, 4, 2)],
     },
+    # the KV-cache kernel with TALL_ROWS (query, head) rows a tile (prefill chunks over a cache):
+    # the forward's tile height and warps
+    "decode_tall": {
+        64: [(None, 64, 4, 3), (None, 128, 8, 3), (None, 64, 8, 3)],
+        128: [(None, 64, 8, 3), (None, 128, 8, 3), (None, 64, 8, 4)],
+    },
 }
+TALL_ROWS = 128
 # fp32 runs as true-fp32 FMA dots (no tensor cores); large tiles only cost compile time and spills
 _FP32_CONFIGS = {
     "fwd": {128: [(64, 32, 4, 2), (32, 32, 4, 1)], 256: [(32, 32, 4, 1), (16, 32, 4, 1)]},
@@ -64,7 +71,7 @@ _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)
 # apart that the key's scan of every tensor's dtype used to separate (sinks, cu_seqlens)
 _KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "SINK", "DROPOUT", "VARLEN", "BLOCK_D", "BLOCK_D2",
         "SPLIT_D", "DOT_PRECISION"]
-_EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "num_splits"]}
+_EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "TMA", "num_splits"]}
 
 
 @triton.jit
@@ -224,7 +231,8 @@ def _head_class(block_d: int) -> int:
     return min(d for d in (64, 128, 256) if d >= block_d)
 
 
-def _configs(kind: str, block_d: int, precision: str = "tf32"):
+def configs(kind: str, block_d: int, precision: str = "tf32") -> list:
+    """The GPU's tile configs of a kernel kind for head-dim tiles of block_d columns."""
     if precision == "ieee":
         return _FP32_CONFIGS[kind][128 if block_d <= 128 else 256]
     return _GPU_CONFIGS[kind][_head_class(block_d)]
@@ -260,8 +268,8 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
     positions = {name: kernel.arg_names.index(name) for name in keys if name in kernel.arg_names}
 
     def configs_for(kwargs) -> tuple:
-        configs = _configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
-        return tuple(configs if select is None else select(configs, kwargs))
+        listed = configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
+        return tuple(listed if select is None else select(listed, kwargs))
 
     def variant_key(configs, args, kwargs) -> tuple:
         """(config list, the key arguments' values, the inputs' dtype): what a choice is made

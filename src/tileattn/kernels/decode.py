@@ -16,6 +16,9 @@ With ``cu_seqlens_q`` (``VARLEN``) the queries are packed as in flash_attn_varle
 sequence b's are rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of one (total_q, heads, dim) tensor
 and its keys the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] positions of its pages (how
 flash_attn_varlen_func serves a paged cache); programs past a sequence's rows exit.
+
+Prefill chunks over a cache (many query rows) take 128-row tiles with the forward's configs
+and, where each key tile lies in one page, K/V through TMA descriptors over the whole cache.
 """
 
 import functools
@@ -26,16 +29,22 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import (
+    TALL_ROWS,
     autotuned,
     autotuning,
+    configs,
+    desc_block_setter,
     dot_precision,
     gdc_launch_dependents,
     gdc_wait,
     graph_bench,
     head_block,
     head_blocks,
+    host_descriptors,
     pdl_launch,
     seqlen_bucket,
+    tile_width,
+    use_tma,
 )
 from .forward import (
     alibi_batch_stride,
@@ -46,7 +55,7 @@ from .forward import (
     variant_args,
     variant_flags,
 )
-from .tile import LOG2E, attend_tile, cast, finish_softmax, fold_sink, key_range, load_kv, load_rows
+from .tile import LOG2E, attend_tile, cast, desc_rows, finish_softmax, fold_sink, key_range, load_kv, load_rows
 
 
 @triton.jit
@@ -78,15 +87,31 @@ def _decode_tile(
     acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, q_idx, k_lo,
     seqlen_q, seqlen_k, page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale, softcap,
     slope, window_left, window_right,
+    KDesc, VDesc, kb, hk,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
-    PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
-    page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED, WIDE)
-    k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
-    v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
-    kt, kt2, v, v2 = load_kv(k_cols, v_rows, offs_d, offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd,
-                             MASKED, EVEN_D, SPLIT_D)
+    if TMA:  # the tile's rows lie in one page (the launcher's condition), read as one block
+        pos = start_n + k_lo
+        if PAGED:
+            page = tl.load(BlockTableRow + pos // page_size)
+            pos = pos % page_size
+        else:
+            page = kb
+        kt = tl.trans(desc_rows(KDesc, page, pos, hk))
+        v = desc_rows(VDesc, page, pos, hk)
+        if MASKED:  # slots past the sequence hold whatever the cache holds; p = 0 times NaN is NaN
+            v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+        kt2 = kt
+        v2 = v
+    else:
+        page, row = _cache_rows(BlockTableRow, cols + k_lo, cols < seqlen_k, page_size, PAGED, MASKED, WIDE)
+        k_cols = K + (page * stride_kb + row * stride_kn)[None, :]
+        v_rows = V + (page * stride_vb + row * stride_vn)[:, None]
+        kt, kt2, v, v2 = load_kv(k_cols, v_rows, offs_d, offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd,
+                                 stride_vd, MASKED, EVEN_D, SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, start_n, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION)
@@ -103,10 +128,11 @@ def _decode_kernel(
     stride_btb, stride_ab,
     seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
+    KDesc, VDesc,  # with TMA: host-made descriptors over the whole caches (keyword arguments), else None
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # q, the lengths and the newest cache rows come from the kernels before this one
         gdc_wait()
@@ -145,17 +171,19 @@ def _decode_kernel(
     if ALIBI:  # per row: the rows of a tile are different heads
         slope = tl.load(Alibi + b * stride_ab + head, mask=mask_r, other=0.0)[:, None] * LOG2E
 
+    kb = b
     if PAGED:
         BlockTableRow = BlockTable + b * stride_btb
     else:
         BlockTableRow = BlockTable
-        kb = b
         if HAS_BATCH_IDX:
             kb = tl.load(BatchIdx + b).to(tl.int64)
         K += kb * stride_kb
         V += kb * stride_vb
     K += hk * stride_kh
     V += hk * stride_vh
+    kb32 = kb.to(tl.int32)  # TMA coordinates are 32-bit
+    hk32 = hk.to(tl.int32)
 
     last_q = (tl.minimum(start_r + BLOCK_M, seqlen_q * group) - 1) // group
     lo, full_lo, full_hi, hi = key_range(start_r // group, last_q, seqlen_q, seqlen_k, window_left, window_right,
@@ -173,20 +201,23 @@ def _decode_kernel(
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
-                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           True, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
+                                           softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
+                                           WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
+                                           DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
-                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           False, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
+                                           softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
+                                           WINDOW, SOFTCAP, ALIBI, False, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
+                                           DOT_PRECISION)
     for start_n in range(tl.maximum(tl.maximum(full_lo, full_hi), split_lo), split_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
-                                           softcap, slope, window_left, window_right, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                                           True, PAGED, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
+                                           softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
+                                           WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
+                                           DOT_PRECISION)
 
     if PDL:  # the merge may start launching; it waits for this grid to finish before reading
         gdc_launch_dependents()
@@ -241,13 +272,41 @@ def _combine_kernel(
     tl.store(Lse + b * stride_lb + h * stride_lh + m, lse)
 
 
-_decode = autotuned(_decode_kernel, "decode")
+def _select(listed, meta: dict) -> list:
+    """Tall tiles (prefill chunks) take the forward's tile shapes: 8 warps for 128 rows."""
+    if meta["BLOCK_M"] >= TALL_ROWS:
+        return configs("decode_tall", tile_width(meta), meta["DOT_PRECISION"])
+    return listed
+
+
+_decode = autotuned(_decode_kernel, "decode", prepare=desc_block_setter(KDesc="BLOCK_N", VDesc="BLOCK_N"),
+                    select=_select)
+
+
+def _cache_descs(block_m: int, blocks: dict, k_cache, v_cache, page_size: int, paged: bool, leftpad) -> dict:
+    """Tall tiles read K/V through TMA descriptors over the whole caches (made here, once per
+    launch) where use_tma allows it and each key tile lies in one page: pages a multiple of 128
+    rows (the tall configs' largest key tile), no left padding. Decode steps' few rows keep
+    pointer tiles: their TMA trial read less bandwidth (BENCHMARKS.md)."""
+    tall = block_m >= TALL_ROWS and not blocks["SPLIT_D"]
+    if tall and (not paged or (page_size % 128 == 0 and leftpad is None)) and use_tma(blocks, k_cache, v_cache):
+        return dict(host_descriptors(blocks["BLOCK_D"], KDesc=k_cache, VDesc=v_cache), TMA=True)
+    return dict(KDesc=None, VDesc=None, TMA=False)
+
+
 MAX_SPLITS = 128
 
 
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """The GPU's SM count; the CPU stands in for 8."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_splits(programs: int, capacity: int, device: torch.device, paged: bool = False) -> int:
@@ -261,8 +320,7 @@ def choose_splits(programs: int, capacity: int, device: torch.device, paged: boo
 
     Decided from the cache capacity, not the actual lengths, so choosing never reads a device
     tensor (no host sync; CUDA-graph capturable)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
+    sms = _sms(device)
     if paged:
         if programs >= 2 * sms:
             return 1
@@ -336,7 +394,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     if out.numel() == 0:
         return out, lse
     q, softmax_scale = positive_scale(q, softmax_scale)
-    block_m = max(16, min(64, triton.next_power_of_2(seqlen_q * group)))
+    block_m = _block_rows(seqlen_q * group, batch * heads_kv, head_dim, q)
     m_tiles = triton.cdiv(seqlen_q * group, block_m)
     if num_splits <= 0:
         num_splits = choose_splits(batch * heads_kv * m_tiles, capacity, q.device, paged)
@@ -362,6 +420,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     wide |= paged and max(k_cache.shape[0] * abs(k_cache.stride(0)), v_cache.shape[0] * abs(v_cache.stride(0))) >= 2**31
     dummy = seqlens_k  # unused pointer arguments
     pdl = pdl_launch(q.device)
+    blocks = head_blocks(head_dim)
     _decode[(m_tiles, batch * heads_kv, num_splits)](
         q, k_cache, v_cache, out_split, lse_split, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -374,7 +433,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged, HAS_LEFTPAD=cache_leftpad is not None,
-        VARLEN=varlen, **head_blocks(head_dim), WIDE=wide, DOT_PRECISION=precision, BLOCK_M=block_m, **pdl,
+        VARLEN=varlen, **blocks, **_cache_descs(block_m, blocks, k_cache, v_cache, page_size, paged, cache_leftpad),
+        WIDE=wide, DOT_PRECISION=precision, BLOCK_M=block_m, **pdl,
     )
     if num_splits > 1:
         rows = q4.shape[1]  # packed: every query row of the one batch entry
@@ -386,6 +446,19 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
             **pdl,
         )
     return out, lse
+
+
+def _block_rows(rows: int, programs: int, head_dim: int, q) -> int:
+    """(query, head) rows a tile: decode steps' few rows in one tile of >= 16 (tl.dot's least),
+    up to 64; TALL_ROWS for prefill chunks over a cache (rows per sequence and K/V head; programs
+    tiles of them fill a wave), the forward's tile height: K/V tiles are re-read once per row
+    tile. On an H200, 64-row tiles ran such chunks at about half the forward kernel's speed, and
+    tall tiles that left SMs idle (2 x 256 queries of 32/8 heads over 2048 keys, 128 programs)
+    lost to the 64-row grid's 256. fp32 (FMA dots) and head dims over 128 keep 64 rows, as
+    their forward configs do (tall tiles not tried there)."""
+    tall = q.dtype != torch.float32 and head_dim <= 128 and rows >= TALL_ROWS and \
+        programs * triton.cdiv(rows, TALL_ROWS) >= _sms(q.device)
+    return max(16, min(TALL_ROWS if tall else 64, triton.next_power_of_2(rows)))
 
 
 def _split_strides(x, varlen: bool):

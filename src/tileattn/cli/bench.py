@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..api import flash_attn_func
 from ..testing import check_attention
-from .bench_decode import decode_bench, decode_table, packed_paged_bench, packed_table
+from .bench_decode import chunk_table, decode_bench, decode_table, dense_chunk_bench, packed_paged_bench, packed_table
 from .bench_ring import ring_bench, ring_table
 from .bench_variants import variants_bench, variants_plot, variants_table
 
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SDPA flash/cuDNN")
     p.add_argument("--paged-varlen", action="store_true",
                    help="packed queries over a paged cache (flash_attn_varlen_func's block_table) against "
-                        "flash_attn_with_kvcache and the dense varlen kernel")
+                        "flash_attn_with_kvcache and the dense varlen kernel, and prefill chunks over a dense "
+                        "cache against flash_attn_func")
     p.add_argument("--variants", action="store_true",
                    help="cost of sliding window, softcap, ALiBi, sinks and dropout against plain causal attention")
     p.add_argument("--ring", action="store_true",
@@ -370,7 +371,7 @@ def large_batch_check(device, log) -> bool:
 
 
 def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=(),
-                 ring_rows=(), variant_rows=(), packed_rows=()) -> str:
+                 ring_rows=(), variant_rows=(), packed_rows=(), chunk_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -405,6 +406,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines += decode_table(decode_rows)
     if packed_rows:
         lines += packed_table(packed_rows)
+    if chunk_rows:
+        lines += chunk_table(chunk_rows)
     if ring_rows:
         lines += ring_table(ring_rows)
     if variant_rows:
@@ -509,13 +512,15 @@ def run(args) -> int:
         log(f"== generation, Phi-2 architecture, random weights, batch {args.batch}")
         generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch,
                                            args.compile_step, args.generation_attns)
-    decode_rows, packed_rows = [], []
+    decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")
         decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True))
     if args.paged_varlen:
         log("== packed queries over a paged cache (flash_attn_varlen_func's block_table)")
         packed_rows = packed_paged_bench(device, log, lambda fn: _bench(fn, device, graph=True))
+        log("== prefill chunks over a dense cache (flash_attn_with_kvcache)")
+        chunk_rows = dense_chunk_bench(device, log, lambda fn: _bench(fn, device, graph=True))
     ring_rows = []
     if args.ring:
         log("== ring attention")
@@ -528,7 +533,7 @@ def run(args) -> int:
         log("== attention variants against plain causal attention")
         variant_rows = variants_bench(device, log, _bench)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
-                        ring_rows, variant_rows, packed_rows)
+                        ring_rows, variant_rows, packed_rows, chunk_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

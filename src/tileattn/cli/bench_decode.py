@@ -11,8 +11,9 @@ that times it against other counts. The CPU runs toy shapes so the command itsel
 
 ``tileattn bench --paged-varlen`` times flash_attn_varlen_func's paged cache (``block_table``):
 packed new queries of each sequence (one token each, or a causal chunk of a prefill) over its
-cached keys in shuffled pages, beside flash_attn_with_kvcache on the same pages and the dense
-varlen kernel on the same keys packed.
+cached keys in shuffled pages (256 and 16 rows), beside flash_attn_with_kvcache on the same
+pages and the dense varlen kernel on the same keys packed; and prefill chunks over a dense cache
+through flash_attn_with_kvcache beside flash_attn_func on the same keys.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..api import flash_attn_func
 from ..kvcache import flash_attn_with_kvcache
 from ..varlen import flash_attn_varlen_func
 
@@ -155,58 +157,111 @@ def decode_table(rows) -> list[str]:
 # (sequences, new queries each, cached keys each incl. the new ones), 32 query / 8 K/V heads of dim 128
 PACKED = [(8, 1, 8192), (4, 512, 4096), (2, 2048, 8192)]
 PACKED_TOY = [(3, 1, 64), (2, 17, 48)]
+PAGE_SIZES, PAGE_SIZES_TOY = (256, 16), (16,)
+PACKED_IMPLS = ["varlen, paged", "kvcache, paged", "varlen, packed K/V"]
+# prefill chunks over a dense cache: (batch, new, keys, heads, heads_kv, head_dim)
+CHUNKS = [(4, 512, 4096, 32, 8, 128), (1, 1024, 8192, 32, 32, 80)]
+CHUNKS_TOY = [(2, 40, 64, 4, 2, 32)]
+CHUNK_IMPLS = ["kvcache, dense", "flash_attn_func"]
 
 
-def packed_paged_bench(device, log, timer, page_size=256) -> list[tuple]:
-    """Rows ((batch, new, keys), {impl: ms}, tflops) for packed queries over paged keys; causal,
-    bottom-right aligned (the new queries are each sequence's last keys)."""
+def _checked_times(impls: dict, reference: str, timer, where) -> dict:
+    """{impl: ms}, each implementation first checked against the reference one's output."""
+    ref = impls[reference]().float()
+    for name, fn in impls.items():
+        diff = (fn().float().reshape(ref.shape) - ref).abs().max().item()
+        if diff > 2e-2:
+            raise AssertionError(f"{name} differs from {reference} by {diff:.2e} at {where}")
+    return {name: _time_ms(timer, fn) for name, fn in impls.items()}
+
+
+def _causal_tflops(batch, new, keys, heads, dim) -> float:
+    """TFLOP of causal attention of each sequence's new queries (its last keys) over its keys."""
+    pairs = batch * (new * (keys - new) + new * (new + 1) // 2)
+    return 4 * dim * heads * pairs / 1e12
+
+
+def packed_paged_bench(device, log, timer) -> list[tuple]:
+    """Rows ((batch, new, keys, page size), {impl: ms}, tflops, K+V TB) for packed queries over
+    paged keys; causal, bottom-right aligned (the new queries are each sequence's last keys)."""
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     heads, heads_kv, dim = (32, 8, 128) if gpu else (4, 2, 32)
-    page_size = page_size if gpu else 16
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for batch, new, keys in PACKED if gpu else PACKED_TOY:
-        q = torch.randn(batch * new, heads, dim, dtype=dtype, device=device)
+    for page_size in PAGE_SIZES if gpu else PAGE_SIZES_TOY:
+        for batch, new, keys in PACKED if gpu else PACKED_TOY:
+            q = torch.randn(batch * new, heads, dim, dtype=dtype, device=device)
+            k_cache, v_cache = (torch.randn(batch, keys, heads_kv, dim, dtype=dtype, device=device) for _ in range(2))
+            k_pages, v_pages, table = _paged(k_cache, v_cache, page_size, gen)
+            cu_q = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=device)
+            cu_k = torch.arange(0, batch * keys + 1, keys, dtype=torch.int32, device=device)
+            lens = torch.full((batch,), keys, dtype=torch.int32, device=device)
+            k_packed, v_packed = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+            impls = {
+                "varlen, paged": lambda: flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, new, keys,
+                                                                causal=True, block_table=table),
+                "kvcache, paged": lambda: flash_attn_with_kvcache(q.view(batch, new, heads, dim), k_pages, v_pages,
+                                                                  cache_seqlens=lens, block_table=table, causal=True),
+                "varlen, packed K/V": lambda: flash_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, new, keys,
+                                                                     causal=True),
+            }
+            times = _checked_times(impls, "varlen, packed K/V", timer, (batch, new, keys, page_size))
+            rows.append(((batch, new, keys, page_size), times, _causal_tflops(batch, new, keys, heads, dim),
+                         2 * k_cache.numel() * k_cache.element_size() / 1e12))
+            log(f"   packed {batch} x {new} over {keys} keys, pages of {page_size}: " + ", ".join(
+                f"{n} {_fmt(ms)} ms" for n, ms in times.items()))
+    return rows
+
+
+def dense_chunk_bench(device, log, timer) -> list[tuple]:
+    """Rows (case, {impl: ms}, tflops) for prefill chunks over a dense cache: flash_attn_with_kvcache
+    with the new tokens already cached, against flash_attn_func on the same keys; causal."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    rows = []
+    for case in CHUNKS if gpu else CHUNKS_TOY:
+        batch, new, keys, heads, heads_kv, dim = case
+        q = torch.randn(batch, new, heads, dim, dtype=dtype, device=device)
         k_cache, v_cache = (torch.randn(batch, keys, heads_kv, dim, dtype=dtype, device=device) for _ in range(2))
-        k_pages, v_pages, table = _paged(k_cache, v_cache, page_size, gen)
-        cu_q = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=device)
-        cu_k = torch.arange(0, batch * keys + 1, keys, dtype=torch.int32, device=device)
         lens = torch.full((batch,), keys, dtype=torch.int32, device=device)
-        k_packed, v_packed = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
         impls = {
-            "varlen, paged": lambda: flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, new, keys, causal=True,
-                                                            block_table=table),
-            "kvcache, paged": lambda: flash_attn_with_kvcache(q.view(batch, new, heads, dim), k_pages, v_pages,
-                                                              cache_seqlens=lens, block_table=table, causal=True),
-            "varlen, packed K/V": lambda: flash_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, new, keys,
-                                                                 causal=True),
+            "kvcache, dense": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True),
+            "flash_attn_func": lambda: flash_attn_func(q, k_cache, v_cache, causal=True),
         }
-        ref = impls["varlen, packed K/V"]().float()
-        for name, fn in impls.items():
-            diff = (fn().float().reshape(ref.shape) - ref).abs().max().item()
-            if diff > 2e-2:
-                raise AssertionError(f"{name} differs from the packed varlen kernel by {diff:.2e} at "
-                                     f"{(batch, new, keys)}")
-        times = {name: _time_ms(timer, fn) for name, fn in impls.items()}
-        pairs = batch * (new * (keys - new) + new * (new + 1) // 2)
-        tflops = 4 * dim * heads * pairs / 1e12
-        rows.append(((batch, new, keys), times, tflops, 2 * k_cache.numel() * k_cache.element_size() / 1e12))
-        log(f"   packed {batch} x {new} over {keys} keys: " + ", ".join(
+        times = _checked_times(impls, "flash_attn_func", timer, case)
+        rows.append((case, times, _causal_tflops(batch, new, keys, heads, dim)))
+        log(f"   chunk {batch} x {new} over {keys} keys, {heads}/{heads_kv} heads d{dim}: " + ", ".join(
             f"{n} {_fmt(ms)} ms" for n, ms in times.items()))
     return rows
 
 
+def _ms_and_rate(ms, rate: str) -> str:
+    return "—" if ms is None else f"{ms:.3f} ({rate})"
+
+
 def packed_table(rows) -> list[str]:
-    names = ["varlen, paged", "kvcache, paged", "varlen, packed K/V"]
-    lines = ["Packed queries over a paged cache (page 256, shuffled), causal, 32 query / 8 K/V heads of dim 128: "
-             "ms, and TB/s (K+V bytes / time) for one new token, TFLOP/s for prefill chunks:", "",
-             "| sequences | new queries | keys | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    for (batch, new, keys), times, tflops, tbytes in rows:
+    lines = ["Packed queries over a paged cache (shuffled pages), causal, 32 query / 8 K/V heads of dim 128: ms, and "
+             "TB/s (K+V bytes / time) for one new token, TFLOP/s for prefill chunks:", "",
+             "| sequences | new queries | keys | pages | " + " | ".join(PACKED_IMPLS) + " |",
+             "|---|---|---|---|" + "---|" * len(PACKED_IMPLS)]
+    for (batch, new, keys, page_size), times, tflops, tbytes in rows:
         def cell(ms):
             if ms is None:
                 return "—"
-            rate = f"{tbytes / (ms / 1e3):.2f} TB/s" if new == 1 else f"{tflops / (ms / 1e3):.0f} TFLOP/s"
-            return f"{ms:.3f} ({rate})"
-        lines.append(f"| {batch} | {new} | {keys} | " + " | ".join(cell(times.get(n)) for n in names) + " |")
+            return _ms_and_rate(ms, f"{tbytes / (ms / 1e3):.2f} TB/s" if new == 1 else
+                                f"{tflops / (ms / 1e3):.0f} TFLOP/s")
+        lines.append(f"| {batch} | {new} | {keys} | {page_size} | "
+                     + " | ".join(cell(times.get(n)) for n in PACKED_IMPLS) + " |")
+    return lines + [""]
+
+
+def chunk_table(rows) -> list[str]:
+    lines = ["Prefill chunks over a dense cache (the new tokens already cached), causal: ms (TFLOP/s):", "",
+             "| batch | new | keys | heads (K/V) | head dim | " + " | ".join(CHUNK_IMPLS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(CHUNK_IMPLS)]
+    for (batch, new, keys, heads, heads_kv, dim), times, tflops in rows:
+        cells = [_ms_and_rate(times.get(n), f"{tflops / (times[n] / 1e3):.0f} TFLOP/s" if times.get(n) else "")
+                 for n in CHUNK_IMPLS]
+        lines.append(f"| {batch} | {new} | {keys} | {heads} ({heads_kv}) | {dim} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -212,7 +212,7 @@ def test_tall_tiles_only_where_they_fill_a_wave():
     decode_module = importlib.import_module("tileattn.kernels.decode")
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
     assert decode_module._block_rows(1024, 1, 128, bf16) == 128  # 8 tiles of one sequence's rows
-    assert decode_module._block_rows(256, 3, 64, bf16) == 64  # 6 programs: half the wave idle
+    assert decode_module._block_rows(256, 3, 64, bf16) == 64  # 6 tall programs for 8 SMs
     assert decode_module._block_rows(256, 4, 80, bf16) == 128
     assert decode_module._block_rows(1024, 8, 128, fp32) == 64
     assert decode_module._block_rows(1024, 8, 256, bf16) == 64

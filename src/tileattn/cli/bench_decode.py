@@ -236,8 +236,9 @@ def dense_chunk_bench(device, log, timer) -> list[tuple]:
     return rows
 
 
-def _ms_and_rate(ms, rate: str) -> str:
-    return "—" if ms is None else f"{ms:.3f} ({rate})"
+def _ms_and_rate(ms, rate) -> str:
+    """"ms (rate(ms))", or — where the implementation refused the shape (ms None)."""
+    return "—" if ms is None else f"{ms:.3f} ({rate(ms)})"
 
 
 def packed_table(rows) -> list[str]:
@@ -246,13 +247,10 @@ def packed_table(rows) -> list[str]:
              "| sequences | new queries | keys | pages | " + " | ".join(PACKED_IMPLS) + " |",
              "|---|---|---|---|" + "---|" * len(PACKED_IMPLS)]
     for (batch, new, keys, page_size), times, tflops, tbytes in rows:
-        def cell(ms):
-            if ms is None:
-                return "—"
-            return _ms_and_rate(ms, f"{tbytes / (ms / 1e3):.2f} TB/s" if new == 1 else
-                                f"{tflops / (ms / 1e3):.0f} TFLOP/s")
+        def rate(ms):
+            return f"{tbytes / (ms / 1e3):.2f} TB/s" if new == 1 else f"{tflops / (ms / 1e3):.0f} TFLOP/s"
         lines.append(f"| {batch} | {new} | {keys} | {page_size} | "
-                     + " | ".join(cell(times.get(n)) for n in PACKED_IMPLS) + " |")
+                     + " | ".join(_ms_and_rate(times.get(n), rate) for n in PACKED_IMPLS) + " |")
     return lines + [""]
 
 
@@ -261,7 +259,6 @@ def chunk_table(rows) -> list[str]:
              "| batch | new | keys | heads (K/V) | head dim | " + " | ".join(CHUNK_IMPLS) + " |",
              "|---|---|---|---|---|" + "---|" * len(CHUNK_IMPLS)]
     for (batch, new, keys, heads, heads_kv, dim), times, tflops in rows:
-        cells = [_ms_and_rate(times.get(n), f"{tflops / (times[n] / 1e3):.0f} TFLOP/s" if times.get(n) else "")
-                 for n in CHUNK_IMPLS]
+        cells = [_ms_and_rate(times.get(n), lambda ms: f"{tflops / (ms / 1e3):.0f} TFLOP/s") for n in CHUNK_IMPLS]
         lines.append(f"| {batch} | {new} | {keys} | {heads} ({heads_kv}) | {dim} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -32,6 +32,8 @@ CASES = {
     "softcap-alibi": (1, 60, 60, 4, 1, 32, True, dict(softcap=2.0, alibi_slopes="heads")),
     "window-softcap-alibi-gqa": (2, 77, 77, 4, 2, 64, True, dict(window_size=(12, 0), softcap=3.0,
                                                                  alibi_slopes="batch")),
+    # causal ALiBi's per-key form shifts each row's max: sinks, empty rows, several query tiles
+    "alibi-sink-causal-sq-gt-sk": (1, 150, 90, 4, 2, 32, True, dict(alibi_slopes="heads", learnable_sink="heads")),
     "sink": (2, 70, 90, 4, 2, 40, False, dict(learnable_sink="heads")),
     "sink-causal-sq-gt-sk": (1, 90, 30, 4, 1, 32, True, dict(learnable_sink="heads")),
     "sink-window-gqa": (2, 64, 64, 4, 2, 64, True, dict(window_size=(10, 0), learnable_sink="heads")),
@@ -73,30 +75,37 @@ def test_window_with_empty_rows_outputs_zero(backend):
     assert (lse[0, :, :12] == float("-inf")).all()
 
 
-def test_varlen_window_alibi_per_sequence(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_window_alibi_per_sequence(backend, dtype):
+    """Causal fp16 runs ALiBi's per-key form (a shift per row taken out of the LSE), fp32 the
+    per-score one; both per packed sequence, with a window, a softcap and rows past 64."""
     lengths_q, lengths_k = [5, 70, 1, 33], [9, 70, 40, 33]
     cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(sum(lengths_q), 4, 32, device=DEVICE)
-    k, v = (torch.randn(sum(lengths_k), 2, 32, device=DEVICE) for _ in range(2))
+    q = torch.randn(sum(lengths_q), 4, 32, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(lengths_k), 2, 32, device=DEVICE, dtype=dtype) for _ in range(2))
     slopes = _slopes(4, 4)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = flash_attn_varlen_func(*leaves, cu_q, cu_k, 70, 70, causal=True, window_size=(6, 0), alibi_slopes=slopes,
-                                 softcap=2.5)
+    out, lse, _ = flash_attn_varlen_func(*leaves, cu_q, cu_k, 70, 70, causal=True, window_size=(6, 0),
+                                         alibi_slopes=slopes, softcap=2.5, return_attn_probs=True)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    outs = []
+    outs, lses = [], []
     for b in range(4):
         qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
-        o, _ = attention_ref(ref_leaves[0][None, qs:qe], ref_leaves[1][None, ks:ke], ref_leaves[2][None, ks:ke],
-                             causal=True, window_size=(6, 0), alibi_slopes=slopes[b], softcap=2.5)
+        o, ref_lse = attention_ref(ref_leaves[0][None, qs:qe], ref_leaves[1][None, ks:ke],
+                                   ref_leaves[2][None, ks:ke], causal=True, window_size=(6, 0), alibi_slopes=slopes[b],
+                                   softcap=2.5)
         outs.append(o[0])
+        lses.append(ref_lse[0])
     ref_out = torch.cat(outs)
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, dout.double())
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3  # test_varlen's tolerances for these dtypes
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=0)
+    torch.testing.assert_close(lse.double(), torch.cat(lses, 1).detach(), atol=tol, rtol=0)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=0)
+        torch.testing.assert_close(g.double(), r, atol=2.5 * tol if dtype == torch.float32 else 4 * tol, rtol=0)
 
 
 def test_sink_rows_without_keys_output_zero_with_lse_sink(backend):

@@ -121,6 +121,8 @@ def cases():
         SOFTCAP=2, SINK=False, TMA=2, **d128), None
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
+    yield "fwd d128 causal alibi (per-key form) TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
+        ALIBI=2, SINK=False, TMA=2, **d128), None
     yield "fwd d80 split causal", "forward._fwd_kernel", SPLIT_DEFAULT, _variants(SINK=False, TMA=0, **d80), None
     for label, blocks in (("d128", d128), ("d80 split", d80)):
         yield f"dq {label}", "backward._bwd_dq_kernel", dq, _bwd(**blocks), None

@@ -107,3 +107,24 @@ def test_forward_config_selection():
     split = _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=False))
     assert split[0] == SPLIT_DEFAULT and sorted(split) == sorted(configs)
     assert _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=True)) == list(configs)
+
+
+def test_causal_half_precision_alibi_takes_the_per_key_form(launch_flags):
+    """The causal fp16/bf16 forward runs ALiBi as one vector over each tile's keys (ALIBI 2; the
+    variant tests check its results against the oracle); fp32, non-causal calls, the backward
+    and the KV-cache kernel, whose tile rows are heads with their own slopes, keep
+    slope * |i - j|."""
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    launch_flags("tileattn.kernels.backward", "_dq", "_dkdv")
+    launch_flags("tileattn.kernels.decode", "_decode")
+    slopes = torch.full((2,), 0.25, device=DEVICE)
+    for dtype, causal, mode in ((torch.float16, True, 2), (torch.float16, False, 1), (torch.float32, True, 1)):
+        flags.clear()
+        q, k, v = make_qkv(1, 20, 20, 2, 1, 16, dtype=dtype)
+        out, lse = kernels.forward(q, k, v, 0.25, causal, alibi_slopes=slopes)
+        kernels.backward(torch.randn_like(out), q, k, v, out, lse, 0.25, causal, alibi_slopes=slopes)
+        assert [f["ALIBI"] for f in flags] == [mode, 1, 1], (dtype, causal)  # forward, dQ, dK/dV
+    flags.clear()
+    lens = torch.full((1,), 20, dtype=torch.int32, device=DEVICE)
+    kernels.decode(q[:, -1:].half(), k.half(), v.half(), lens, 0.25, True, alibi_slopes=slopes)
+    assert [f["ALIBI"] for f in flags] == [1]

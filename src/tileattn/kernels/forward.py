@@ -8,6 +8,7 @@ from ..layout import lse_shape
 from .config import autotuned, desc_block_setter, dot_precision, head_blocks, host_descriptors, seqlen_bucket, use_tma
 from .tile import (
     LOG2E,
+    alibi_row_shift,
     alibi_slope,
     attend_tile,
     cast,
@@ -28,7 +29,7 @@ from .tile import (
 def _fwd_tile(
     acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b, hk, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d,
     mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-    window_right, seed, offset, bh, dropout_p, rescale,
+    window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -55,7 +56,7 @@ def _fwd_tile(
                                  cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
                                  SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, start_n, cols, seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
 
 
@@ -128,21 +129,23 @@ def _fwd_kernel(
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, CAUSAL, WINDOW,
-                                        SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
 
+    if ALIBI == 2:  # back to the true scores' max (-inf stays -inf), so the LSE and a sink see them
+        m_i = m_i - alibi_row_shift(slope, offs_m, start_m)
     if SINK:
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.load(Sinks + h).to(tl.float32) * LOG2E)
     out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
@@ -234,8 +237,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None,
-        DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks,
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True),
+        SINK=learnable_sink is not None, DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks,
                                                                        k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
@@ -282,12 +285,21 @@ def variant_args(causal: bool, window_size, softcap: float) -> tuple:
     return float(softcap) if softcap else 1.0, left, right
 
 
-def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q) -> dict:
+def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, per_key_alibi: bool = False) -> dict:
     """Constexpr switches. SOFTCAP 2 (tanh.approx, one instruction instead of ~15) for fp16/bf16
-    on NVIDIA GPUs, 1 (exact) for fp32 and elsewhere."""
-    approx = q.is_cuda and torch.version.hip is None and q.dtype != torch.float32
+    on NVIDIA GPUs, 1 (exact) for fp32 and elsewhere. ALIBI 2 (causal fp16/bf16, per_key_alibi:
+    the forward kernel): the bias as one vector over each tile's keys plus a per-row constant the
+    softmax ignores (see tile.score_tile) instead of slope * |i - j| per score; 1 otherwise.
+    fp32 keeps the per-score form: scores offset by up to slope x a tile's rows lose a few 1e-6
+    (twice fp32 attention's own error in test_variants), far below what fp16/bf16 probabilities
+    round away. The backward keeps it too: in its dK/dV kernel the per-key form took the spills
+    from 912 to 1032 bytes (sm_90a, d128) and the ALiBi backward from 3.63-3.86 to 4.20-4.36 ms
+    (H100, 2 x 8k x 16 x 128 causal); the decode kernel's rows are heads with slopes of their own."""
+    half = q.dtype != torch.float32
+    approx = q.is_cuda and torch.version.hip is None and half
+    alibi = 0 if alibi_slopes is None else 2 if causal and half and per_key_alibi else 1
     return dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
-                SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi_slopes is not None)
+                SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi)
 
 
 def dropout_args(dropout) -> tuple:

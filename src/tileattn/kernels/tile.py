@@ -101,23 +101,41 @@ def score_tile(qk, q_idx, k_idx, seqlen_q, seqlen_k, qk_scale, softcap, slope,
     base 2). Returns (s, th, c): th is tanh of the capped argument, which the backward's chain
     rule needs. SOFTCAP: 0 off, 1 exact tanh, 2 the GPU's approximate tanh (fp16/bf16 on CUDA).
 
+    ALIBI 1 subtracts slope * |i + diag - j| per score (q_idx, k_idx broadcast to the tile).
+    ALIBI 2 (causal: every visible key has j <= i + diag) takes a reference row r as q_idx, one
+    scalar, and subtracts slope * (r + diag - j), a vector over the keys: the score plus
+    slope * (i - r), a constant per row that the softmax does not see and the caller takes out
+    of its running max after the last tile (alibi_row_shift). With r in the tile the shift stays
+    below slope x the tile's rows, so the scores near the diagonal, which carry the probability,
+    keep their precision.
+
     FOLD leaves the last factor c > 0 (the scale, or the cap) to the caller, which folds it into
-    its exp2 argument as one FMA (max(c * s) is c * max(s)): the score is s * c. Otherwise, and
-    with ALiBi (whose bias follows the factor), c = 1."""
+    its exp2 argument as one FMA (max(c * s) is c * max(s)): the score is s * c; ALIBI 2's bias
+    is folded with it (divided by c). Otherwise, and with ALIBI 1, c = 1."""
+    tl.static_assert(ALIBI != 2 or FOLD, "ALiBi's per-key form is the folded forward's")
     if SOFTCAP:
         th = tanh(qk * (qk_scale / (softcap * LOG2E)), SOFTCAP == 2)
         c = softcap * LOG2E
     else:
         th = qk
         c = qk_scale
-    if FOLD and not ALIBI:
+    if FOLD and ALIBI != 1:
         s = th
+        if ALIBI == 2:
+            s = s - (slope / c) * (q_idx + (seqlen_k - seqlen_q) - k_idx).to(tl.float32)
     else:
         s = th * c
         c = 1.0
         if ALIBI:
             s = s - slope * tl.abs(q_idx + (seqlen_k - seqlen_q) - k_idx).to(tl.float32)
     return s, th, c
+
+
+@triton.jit
+def alibi_row_shift(slope, rows, ref):
+    """What ALIBI 2's scores carry over the true ones for query rows ``rows`` with reference row
+    ``ref``: slope * (rows - ref), base 2."""
+    return slope * (rows - ref).to(tl.float32)
 
 
 @triton.jit
@@ -263,7 +281,7 @@ def load_kv(k_cols, v_rows, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd, s
 @triton.jit
 def attend_tile(
     acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, first_col, cols, seqlen_q, seqlen_k,
-    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -272,12 +290,17 @@ def attend_tile(
     tile's key indices, q_idx each row's query index; both count from the sequence's first
     key/query. With SPLIT_D the head dim comes in two parts (q, kt, v, acc and q2, kt2, v2, acc2:
     64 + 16 columns for head dim 80), so no tensor-core work goes to padding; without it the *2
-    arguments are ignored."""
+    arguments are ignored. With ALIBI 2, alibi_ref is score_tile's reference row: the running
+    max then carries alibi_row_shift, which the caller subtracts after the last tile."""
     qk = mma(q, kt, None, DOT_PRECISION)
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
-    s, _, c = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
-                         ALIBI, FOLD=True)
+    if ALIBI == 2:
+        s, _, c = score_tile(qk, alibi_ref, cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
+                             ALIBI, FOLD=True)
+    else:
+        s, _, c = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope,
+                             SOFTCAP, ALIBI, FOLD=True)
     if MASKED:
         s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)

@@ -158,7 +158,8 @@ def decode_bench(device, log, timer, page_sizes=(16, 256), cases=None, rounds: i
             if case.seqlen % page_size:
                 continue
             pages = [_paged(k, v, page_size, gen) for k, v in caches]
-            paged_out = flash_attn_with_kvcache(q, pages[0][0], pages[0][1], cache_seqlens=lens, block_table=pages[0][2])
+            k_pages, v_pages, table = pages[0]
+            paged_out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=lens, block_table=table)
             if not torch.allclose(paged_out.float(), ours.float(), atol=1e-2):
                 raise AssertionError(f"paged (page {page_size}) and dense decode disagree at {case}")
             paged = _rotating(lambda k, v, table: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens,

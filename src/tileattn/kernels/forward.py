@@ -130,19 +130,22 @@ def _fwd_kernel(
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
-                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
+                                        DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
-                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE,
+                                        DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
-                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE, DOT_PRECISION)
+                                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
+                                        DOT_PRECISION)
 
     if ALIBI == 2:  # back to the true scores' max (-inf stays -inf), so the LSE and a sink see them
         m_i = m_i - alibi_row_shift(slope, offs_m, start_m)
@@ -238,8 +241,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
         **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True),
-        SINK=learnable_sink is not None, DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks, **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks,
-                                                                       k4, v4), WIDE=wide,
+        SINK=learnable_sink is not None, DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks,
+        **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks, k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse

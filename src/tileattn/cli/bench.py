@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
-    p.add_argument("--decode-rounds", type=int, default=3,
-                   help="--decode: time the implementations in turn this many times and report each one's median")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--decode and --variants: time the implementations in turn this many times and report "
+                        "each one's median")
     p.add_argument("--paged-varlen", action="store_true",
                    help="packed queries over a paged cache (flash_attn_varlen_func's block_table) against "
                         "flash_attn_with_kvcache and the dense varlen kernel, and prefill chunks over a dense "
@@ -517,7 +518,7 @@ def run(args) -> int:
     decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")
-        decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True), rounds=args.decode_rounds)
+        decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True), rounds=args.rounds)
     if args.paged_varlen:
         log("== packed queries over a paged cache (flash_attn_varlen_func's block_table)")
         packed_rows = packed_paged_bench(device, log, lambda fn: _bench(fn, device, graph=True))
@@ -533,7 +534,7 @@ def run(args) -> int:
     variant_rows = ()
     if args.variants:
         log("== attention variants against plain causal attention")
-        variant_rows = variants_bench(device, log, _bench)
+        variant_rows = variants_bench(device, log, _bench, args.rounds)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
                         ring_rows, variant_rows, packed_rows, chunk_rows)
     log("\n" + text)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from ..api import flash_attn_func
 from ..kvcache import flash_attn_with_kvcache
 from ..varlen import flash_attn_varlen_func
+from .rounds import time_or_none, timed_rounds
 
 
 @dataclass(frozen=True)
@@ -77,15 +77,6 @@ def _paged(k_cache, v_cache, page_size, gen):
     return *paged, order.view(batch, per_seq).to(torch.int32)
 
 
-def _time_ms(timer, fn) -> float | None:
-    """timer(fn) ms; None where a backend refuses the shape (or GQA), reported as absent."""
-    try:
-        fn()
-        return timer(fn)
-    except Exception:
-        return None
-
-
 def _cache(case: Case, dtype, device):
     shape = (case.batch, case.heads_kv, case.seqlen, case.head_dim)
     k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
@@ -108,19 +99,6 @@ def _rotating(call, inputs: list):
     repeated fn() calls reads each copy in turn, not one copy out of L2."""
     turn = itertools.cycle(inputs)
     return lambda: call(*next(turn))
-
-
-def _timed_rounds(timer, impls: dict, rounds: int, log) -> dict:
-    """{impl: median ms over rounds}, the implementations timed in turn each round (None where
-    one refuses the shape); the log shows every round's figures."""
-    times = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            times[name].append(_time_ms(timer, fn))
-    if rounds > 1:
-        log("      ms per round: " + "; ".join(
-            f"{n} " + " ".join("—" if t is None else f"{t * 1e3:.1f}us" for t in ts) for n, ts in times.items()))
-    return {n: None if None in ts else statistics.median(ts) for n, ts in times.items()}
 
 
 def decode_bench(device, log, timer, page_sizes=(16, 256), cases=None, rounds: int = 3) -> list[tuple]:
@@ -149,7 +127,7 @@ def decode_bench(device, log, timer, page_sizes=(16, 256), cases=None, rounds: i
                 diff = (fn(q, k_cache, v_cache).transpose(1, 2).float() - ours.float()).abs().max().item()
                 log(f"   {name} vs tileattn max |diff| {diff:.2e}")
             impls[name] = _rotating(lambda k, v, fn=fn: fn(q, k, v), caches)
-        speeds = {n: tbytes / (ms / 1e3) if ms else None for n, ms in _timed_rounds(timer, impls, rounds, log).items()}
+        speeds = {n: tbytes / (ms / 1e3) if ms else None for n, ms in timed_rounds(timer, impls, rounds, log).items()}
         layout = "transformers" if case.transformers_layout else "dense"
         rows.append((case, layout, speeds))
         log(f"   {case} ({heuristic} heuristic splits, {len(caches)} copies): "
@@ -164,7 +142,7 @@ def decode_bench(device, log, timer, page_sizes=(16, 256), cases=None, rounds: i
                 raise AssertionError(f"paged (page {page_size}) and dense decode disagree at {case}")
             paged = _rotating(lambda k, v, table: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens,
                                                                            block_table=table), pages)
-            ms = _timed_rounds(timer, {"tileattn": paged}, rounds, log)["tileattn"]
+            ms = timed_rounds(timer, {"tileattn": paged}, rounds, log)["tileattn"]
             speed = tbytes / (ms / 1e3) if ms else None
             rows.append((case, f"paged {page_size}", {"tileattn": speed}))
             log(f"   {case} paged {page_size}: tileattn {_fmt(speed)} TB/s")
@@ -211,7 +189,7 @@ def _checked_times(impls: dict, reference: str, timer, where) -> dict:
         diff = (fn().float().reshape(ref.shape) - ref).abs().max().item()
         if diff > 2e-2:
             raise AssertionError(f"{name} differs from {reference} by {diff:.2e} at {where}")
-    return {name: _time_ms(timer, fn) for name, fn in impls.items()}
+    return {name: time_or_none(timer, fn) for name, fn in impls.items()}
 
 
 def _causal_tflops(batch, new, keys, heads, dim) -> float:

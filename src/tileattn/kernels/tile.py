@@ -157,10 +157,10 @@ def mask_scores(s, q_idx, k_idx, seqlen_q, seqlen_k, window_left, window_right,
     """
     s = tl.where(k_idx < seqlen_k, s, float("-inf"))
     diag = q_idx + (seqlen_k - seqlen_q)
-    if CAUSAL:
-        s = tl.where(k_idx <= diag, s, float("-inf"))
-    if WINDOW:
+    if WINDOW:  # with CAUSAL, window_right <= 0 (forward.window_bounds): the diagonal is inside
         s = tl.where((k_idx >= diag - window_left) & (k_idx <= diag + window_right), s, float("-inf"))
+    elif CAUSAL:
+        s = tl.where(k_idx <= diag, s, float("-inf"))
     return s
 
 

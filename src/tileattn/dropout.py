@@ -1,12 +1,14 @@
 """Attention dropout's random bits, defined once for both backends and the tests.
 
-Element (batch b, head h, query i, key j) is kept iff u >= dropout_p. Philox-4x32-10 (Triton's
-``tl.philox``) with key ``seed`` and counter (j // 8, i, b * heads + h, offset) gives four 32-bit
-words; u is 16-bit part j % 2 (low half first) of word (j % 8) // 2, scaled to [0, 1). One
-Philox evaluation (ten rounds of 32-bit multiplies, the forward's most expensive work per score
-when each key had its own word) so serves eight neighbouring keys, and p is resolved to 2**-16:
-the keep rate is 1 - p within 1.6e-5, while the kept probabilities are scaled by exactly
-1 / (1 - p). The kernels regenerate the bits in the backward instead of storing a mask; this
+Element (batch b, head h, query i, key j) is kept iff u >= dropout_p. Philox-4x32-7 (Triton's
+``tl.philox`` with seven rounds) with key ``seed`` and counter (j // 8, i, b * heads + h, offset)
+gives four 32-bit words; u is 16-bit part j % 2 (low half first) of word (j % 8) // 2, scaled to
+[0, 1). Seven rounds, the fewest with which Philox-4x32 passes TestU01's BigCrush (Salmon et al.,
+SC11), are what flash-attn's dropout runs: 30% less integer work than the recommended ten, for
+bits that only pick which probabilities to drop. One Philox evaluation (the forward's most
+expensive work per score when each key had its own word) so serves eight neighbouring keys, and
+p is resolved to 2**-16: the keep rate is 1 - p within 1.6e-5, while the kept probabilities are
+scaled by exactly 1 / (1 - p). The kernels regenerate the bits in the backward instead of storing a mask; this
 module computes the same bits in PyTorch for the CPU backend and for ``return_attn_probs``.
 """
 
@@ -17,6 +19,7 @@ import torch
 KEY_BITS = 16  # random bits per key (8 bits cannot drop a p below 1/256: measured 0.0039 for 0.001)
 KEYS_PER_WORD = 32 // KEY_BITS
 KEYS_PER_CALL = 4 * KEYS_PER_WORD
+ROUNDS = 7
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -38,14 +41,15 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low_full & _MASK32
 
 
-def philox(seed: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
-    """The four output words of Philox-4x32-10 (uint32 values in int64) for key ``seed`` (its
-    low and high 32 bits) and counters c0..c3: int tensors (broadcast together) or ints."""
+def philox(seed: int, c0, c1, c2, c3, rounds: int = ROUNDS) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox-4x32 with ``rounds`` rounds (uint32 values in int64) for
+    key ``seed`` (its low and high 32 bits) and counters c0..c3: int tensors (broadcast together)
+    or ints."""
     device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
     counters = (torch.as_tensor(c, dtype=torch.int64, device=device) & _MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(*counters)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
         hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a

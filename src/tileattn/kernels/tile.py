@@ -25,6 +25,7 @@ assert dropout.KEY_BITS == 16
 KEYS_PER_WORD = tl.constexpr(dropout.KEYS_PER_WORD)
 KEYS_PER_CALL = tl.constexpr(dropout.KEYS_PER_CALL)
 KEY_SCALE = tl.constexpr(float(2**dropout.KEY_BITS))
+PHILOX_ROUNDS = tl.constexpr(dropout.ROUNDS)
 
 # constexpr so kernels may read them; launchers use LOG2E.value
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -174,7 +175,7 @@ def dropout_keep(seed, offset, bh, rows, first_col, dropout_p, rescale, BLOCK_N:
     and interleaved as int8, the cheapest tile to relayout."""
     c0 = (tl.arange(0, BLOCK_N // KEYS_PER_CALL) + first_col // KEYS_PER_CALL)[None, :] + rows[:, None] * 0
     c1 = rows[:, None] + c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset, PHILOX_ROUNDS)
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [M, C, 2, 2]: word 2 * i + j at [.., i, j]
     words = tl.reshape(words, [rows.shape[0], BLOCK_N // KEYS_PER_WORD])
     # u / 2**16 >= p  <=>  u >= ceil(p * 2**16) for integer u (the scaling is exact)

@@ -47,7 +47,8 @@ _GPU_CONFIGS = {
     # only the key tile, warps and pipeline depth are tuned
     "decode": {
         64: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 4, 4), (None, 256, 8, 3)],
-        128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 2, 3)],
+        128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 2, 3),
+              (None, 32, 4, 3)],
         256: [(None, 64, 4, 3), (None, 32, 4, 3), (None, 64, 4, 2)],
     },
     # the KV-cache kernel with TALL_ROWS (query, head) rows a tile (prefill chunks over a cache):

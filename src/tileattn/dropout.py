@@ -8,8 +8,9 @@ SC11), are what flash-attn's dropout runs: 30% less integer work than the recomm
 bits that only pick which probabilities to drop. One Philox evaluation (the forward's most
 expensive work per score when each key had its own word) so serves eight neighbouring keys, and
 p is resolved to 2**-16: the keep rate is 1 - p within 1.6e-5, while the kept probabilities are
-scaled by exactly 1 / (1 - p). The kernels regenerate the bits in the backward instead of storing a mask; this
-module computes the same bits in PyTorch for the CPU backend and for ``return_attn_probs``.
+scaled by exactly 1 / (1 - p). The kernels regenerate the bits in the backward instead of
+storing a mask; this module computes the same bits in PyTorch for the CPU backend and for
+``return_attn_probs``.
 """
 
 from __future__ import annotations

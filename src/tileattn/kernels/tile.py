@@ -296,12 +296,11 @@ def attend_tile(
     qk = mma(q, kt, None, DOT_PRECISION)
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
-    if ALIBI == 2:
-        s, _, c = score_tile(qk, alibi_ref, cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP,
-                             ALIBI, FOLD=True)
-    else:
-        s, _, c = score_tile(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope,
-                             SOFTCAP, ALIBI, FOLD=True)
+    score_rows = q_idx[:, None]
+    if ALIBI == 2:  # the bias is one vector over the keys, measured from the reference row
+        score_rows = alibi_ref
+    s, _, c = score_tile(qk, score_rows, cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap, slope, SOFTCAP, ALIBI,
+                         FOLD=True)
     if MASKED:
         s = mask_scores(s, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                         WINDOW)

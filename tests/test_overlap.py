@@ -1,0 +1,140 @@
+"""tileattn.overlap: parallel blocks' MLPs forked beside the attention, same tokens as eager."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tileattn  # noqa: E402,F401  (registers "tileattn")
+from tileattn import generation, overlap  # noqa: E402
+
+from .helpers import DEVICE  # noqa: E402
+from .tiny_models import CONFIGS  # noqa: E402
+
+
+def _models(name):
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="tileattn")
+    eager = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager")
+    eager.load_state_dict(ours.state_dict())
+    return ours.to(DEVICE).eval(), eager.to(DEVICE).eval()
+
+
+def _fork_every_mlp(monkeypatch):
+    """generation's GPU path on any device, for every parallel block whatever the cache size."""
+    monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(generation, "_overlap_blocks", lambda model, device, *_: generation._facts(model, device)[1])
+
+
+def _probe(model):
+    one = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    with torch.no_grad(), overlap.probing(model) as blocks:
+        model(input_ids=one)
+    return blocks
+
+
+@pytest.mark.parametrize("name,parallel", [("phi", True), ("llama", False), ("gpt_oss", False)])
+def test_probe_finds_the_layers_whose_attention_and_mlp_share_their_input(name, parallel):
+    """Phi feeds one layer norm's output to both; Llama's MLP reads the post-attention norm."""
+    model, _ = _models(name)
+    blocks = _probe(model)
+    layers = model.config.num_hidden_layers
+    assert len(blocks) == (layers if parallel else 0)
+    for block in blocks:
+        assert block.features == model.config.hidden_size and block.dtype == model.dtype
+    assert _probe(model) == []  # already blocks: not wrapped twice
+
+
+def test_installed_blocks_are_inert_outside_the_scope_and_fall_back_for_other_inputs(monkeypatch):
+    model, _ = _models("phi")
+    ids = torch.randint(1, 96, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        blocks = _probe(model)
+        forks = []
+        fork = overlap.mlp_fork
+        monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+        assert torch.equal(model(input_ids=ids).logits, want) and forks == []
+        with overlap.overlapped(blocks):
+            assert torch.equal(model(input_ids=ids).logits, want)
+            assert forks == [b.key for b in blocks]
+            # an MLP called on another tensor than its attention's input runs itself
+            x = torch.randn(1, 3, model.config.hidden_size, device=DEVICE)
+            mlp = blocks[0].mlp
+            assert torch.equal(mlp(x), blocks[0].mlp_forward(x))
+
+
+def test_generation_forks_only_mlps_that_outweigh_the_cache_they_overlap():
+    """tiny phi: 2 K/V heads of dim 80 in float32 read 1280 bytes a cache slot per layer; its
+    MLP holds 2 x 160 x 64 weights and 224 biases, 82816 bytes: up to 64 slots."""
+    model, _ = _models("phi")
+    blocks = generation._facts(model, torch.device(DEVICE))[1]
+    assert blocks[0].weight_bytes == 82816
+    assert generation._overlap_blocks(model, torch.device(DEVICE), 1, 64) == blocks
+    assert generation._overlap_blocks(model, torch.device(DEVICE), 1, 65) == []
+    assert generation._overlap_blocks(model, torch.device(DEVICE), 2, 64) == []
+
+
+def test_generation_does_not_fork_mlps_lighter_than_the_cache(monkeypatch):
+    """256 cache slots (the smallest capacity generate allocates) outweigh tiny phi's MLP."""
+    monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
+    forks = []
+    fork = overlap.mlp_fork
+    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    ours, eager = _models("phi")
+    ids = torch.randint(1, 96, (1, 11), device=DEVICE)
+    want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generation.generate(ours, ids, max_new_tokens=4), want)
+    assert len(generation._facts(ours, ids.device)[1]) == ours.config.num_hidden_layers and forks == []
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_generate_with_forked_mlps_gives_eager_tokens(compile, monkeypatch):
+    """The GPU path, forced on whatever device runs the tests (on the CPU the fork runs the MLP
+    in place): each decode step forks every layer's MLP and joins it, compiled without graph
+    breaks (the decode graph holds a fork and a join per layer)."""
+    _fork_every_mlp(monkeypatch)
+    forks, graphs = [], []
+    fork = overlap.mlp_fork
+    if not compile:  # traced, the counting list would be guarded on and recompile every step
+        monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+
+    def recording(gm, example_inputs):  # dynamo's graph, run as traced
+        ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        graphs.append((ops.count(torch.ops.tileattn.mlp_fork.default), ops.count(torch.ops.tileattn.mlp_join.default)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(generation._compiled_calls, True,
+                        torch.compile(generation._step_call, backend=recording, dynamic=False, fullgraph=True))
+    ours, eager = _models("phi")
+    ids = torch.randint(1, 96, (3, 11), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    want = eager.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = generation.generate(ours, ids, attention_mask=mask, max_new_tokens=8, compile=compile)
+    assert torch.equal(got, want)
+    layers = ours.config.num_hidden_layers
+    if compile:
+        assert graphs == [(layers, layers)]  # the decode step (a padded prompt's prefill is eager)
+    else:
+        assert len(forks) == 7 * layers
+
+
+def test_compiled_decode_step_launches_each_fork_before_its_attention(monkeypatch):
+    """In inductor's code for the decode step (not dynamo's graph, which keeps source order)
+    each layer forks, then attends, then joins: a fork scheduled after the attention would
+    leave the side stream nothing to overlap."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    _fork_every_mlp(monkeypatch)
+    ours, _ = _models("phi")
+    ids = torch.randint(1, 96, (1, 11), device=DEVICE)
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: generation.generate(ours, ids, max_new_tokens=3, compile=True))
+    steps = [code for code in codes if "mlp_fork" in code]
+    assert len(steps) == 1
+    calls = re.findall(r"tileattn\.(mlp_fork|fwd_kvcache|mlp_join)\.default\(", steps[0])
+    assert calls == ["mlp_fork", "fwd_kvcache", "mlp_join"] * ours.config.num_hidden_layers

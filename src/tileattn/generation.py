@@ -186,7 +186,7 @@ def _fusing(model, device):
 def _overlap_blocks(model, device, batch: int, capacity: int) -> list:
     """The parallel blocks whose MLP weights outweigh the KV cache their attention reads. Phi-2
     on an H100, batch 1, compiled and graphed steps, MLP forked (tileattn.overlap) or not: after
-    a 2k prompt (cache 0.22x the MLP's bytes) a step took 2.15-2.33 ms instead of 2.83-2.89;
+    a 2k prompt (cache 0.22x the MLP's bytes) a step took 2.19-2.32 ms instead of 2.83-2.89;
     after 16k (1.6x) 4.36-4.54 instead of 4.34-4.39, the MLP's programs slowing the longer
     attention as much as they hide. Between those two ratios the rule is untested."""
     shapes, blocks = _facts(model, device)

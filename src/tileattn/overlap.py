@@ -6,7 +6,7 @@ and the MLP and add the two outputs. A batch-1 decode step is a chain of memory-
 each ramping up and draining on its own, with small ones (rotary, cache writes, the split
 merge) that leave most of the GPU idle; the MLP's products and activation fill those gaps from
 a second stream. On an H100, Phi-2's compiled and graphed decode step after a 2k prompt took
-2.15-2.33 ms instead of 2.83-2.89 (same tokens); after a 16k prompt, where the attention reads
+2.19-2.32 ms instead of 2.83-2.89 (same tokens); after a 16k prompt, where the attention reads
 1.6x the MLP's bytes, the MLP's programs slowed the attention as much as they hid, so
 tileattn.generation forks only MLPs that outweigh the cache their attention reads. The step is
 captured on a high-priority stream, so the side stream's programs take the SMs the attention

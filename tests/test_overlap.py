@@ -42,7 +42,7 @@ def test_probe_finds_the_layers_whose_attention_and_mlp_share_their_input(name, 
     assert len(blocks) == (layers if parallel else 0)
     for block in blocks:
         assert block.features == model.config.hidden_size and block.dtype == model.dtype
-    assert _probe(model) == []  # already blocks: not wrapped twice
+    assert _probe(model) == blocks  # the same blocks again: not wrapped twice
 
 
 def test_installed_blocks_are_inert_outside_the_scope_and_fall_back_for_other_inputs(monkeypatch):
@@ -86,6 +86,27 @@ def test_generation_does_not_fork_mlps_lighter_than_the_cache(monkeypatch):
     want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(generation.generate(ours, ids, max_new_tokens=4), want)
     assert len(generation._facts(ours, ids.device)[1]) == ours.config.num_hidden_layers and forks == []
+
+
+def test_a_copied_model_forks_its_own_mlps(monkeypatch):
+    """deepcopy (and pickle) give a model's blocks new keys: the fork must not run the MLP of
+    the model the copy came from."""
+    import copy
+
+    _fork_every_mlp(monkeypatch)
+    ours, eager = _models("phi")
+    ids = torch.randint(1, 96, (1, 11), device=DEVICE)
+    generation.generate(ours, ids, max_new_tokens=2)  # probes: blocks installed
+    twin, eager_twin = copy.deepcopy(ours), copy.deepcopy(eager)
+    with torch.no_grad():
+        for m in (twin, eager_twin):
+            m.model.layers[0].mlp.fc2.weight.mul_(-3)
+    blocks, twin_blocks = (generation._facts(m, ids.device)[1] for m in (ours, twin))
+    assert {b.key for b in blocks}.isdisjoint(b.key for b in twin_blocks)
+    assert all(b.mlp is layer.mlp for b, layer in zip(twin_blocks, twin.model.layers))
+    for model, reference in ((twin, eager_twin), (ours, eager)):
+        want = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(generation.generate(model, ids, max_new_tokens=6), want)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])

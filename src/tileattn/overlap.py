@@ -48,8 +48,7 @@ class Block:
         self.attention_forward, self.mlp_forward = attention.forward, mlp.forward
         self.features, self.dtype = features, dtype
         self.weight_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
-        self.key = len(_BLOCKS)
-        _BLOCKS[self.key] = weakref.ref(self)
+        self.key = _register(self)
         self.done = None  # CUDA event the side stream records after the MLP
         self.active = False  # fork the MLP (inside ``overlapped``)
         self.compiled = False  # run the MLP through torch.compile (set by ``overlapped``)
@@ -59,6 +58,24 @@ class Block:
         attention._tileattn_block = mlp._tileattn_block = self
         attention.forward = _attention_forward.__get__(attention)
         mlp.forward = _mlp_forward.__get__(mlp)
+
+    def __getstate__(self):
+        """A copied or pickled model's blocks (deepcopy goes through here) get keys of their own:
+        the fork looks its block up by key. Events and a step's tensors stay behind."""
+        state = self.__dict__.copy()
+        del state["key"]
+        state.update(done=None, active=False, input=None, output=None, after=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.key = _register(self)
+
+
+def _register(block: Block) -> int:
+    key = len(_BLOCKS)
+    _BLOCKS[key] = weakref.ref(block)
+    return key
 
 
 def _pairs(model: nn.Module):
@@ -73,8 +90,8 @@ def _pairs(model: nn.Module):
 @contextlib.contextmanager
 def probing(model: nn.Module):
     """Watch one forward of the model inside this block; the yielded list then holds a Block
-    (installed) for each layer whose attention and MLP got the same input tensor. Layers
-    already made blocks are skipped."""
+    (installed) for each layer whose attention and MLP got the same input tensor, the one it
+    already has if an earlier probe (of this model or the one it was copied from) made it."""
     seen, handles, blocks = {}, [], []
 
     def remember(key):
@@ -86,7 +103,7 @@ def probing(model: nn.Module):
     def output(module, args, kwargs, out):
         seen.setdefault((id(module), "out"), out)
 
-    pairs = [(a, m) for a, m in _pairs(model) if not hasattr(m, "_tileattn_block")]
+    pairs = list(_pairs(model))
     for attention, mlp in pairs:
         handles.append(attention.register_forward_pre_hook(remember((id(attention), "in")), with_kwargs=True))
         handles.append(mlp.register_forward_pre_hook(remember((id(mlp), "in")), with_kwargs=True))
@@ -99,7 +116,10 @@ def probing(model: nn.Module):
     for attention, mlp in pairs:
         x, out = seen.get((id(attention), "in")), seen.get((id(mlp), "out"))
         if isinstance(x, torch.Tensor) and x is seen.get((id(mlp), "in")) and isinstance(out, torch.Tensor):
-            blocks.append(Block(attention, mlp, out.shape[-1], out.dtype))
+            block = getattr(mlp, "_tileattn_block", None)
+            if block is None or block.attention is not attention or block.mlp is not mlp:
+                block = Block(attention, mlp, out.shape[-1], out.dtype)
+            blocks.append(block)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:

@@ -12,16 +12,13 @@ from tileattn.integrations import transformers as integration  # noqa: E402
 
 from .helpers import DEVICE  # noqa: E402
 from .tiny_models import CONFIGS as TINY  # noqa: E402
+from .tiny_models import twin_models  # noqa: E402
 
 CONFIGS = {name: TINY[name] for name in ("llama", "phi", "mistral", "gemma2", "gpt_oss")}
 
 
 def _models(name):
-    torch.manual_seed(0)
-    ours = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="tileattn")
-    eager = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager")
-    eager.load_state_dict(ours.state_dict())
-    return ours.to(DEVICE).eval(), eager.to(DEVICE).eval()
+    return twin_models(name, DEVICE)
 
 
 def _prompts():

@@ -9,15 +9,11 @@ import tileattn  # noqa: E402,F401  (registers "tileattn")
 from tileattn import generation, overlap  # noqa: E402
 
 from .helpers import DEVICE  # noqa: E402
-from .tiny_models import CONFIGS  # noqa: E402
+from .tiny_models import twin_models  # noqa: E402
 
 
 def _models(name):
-    torch.manual_seed(0)
-    ours = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="tileattn")
-    eager = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager")
-    eager.load_state_dict(ours.state_dict())
-    return ours.to(DEVICE).eval(), eager.to(DEVICE).eval()
+    return twin_models(name, DEVICE)
 
 
 def _fork_every_mlp(monkeypatch):

@@ -1,6 +1,7 @@
 """Tiny random-weight transformers configs shared by the integration and generation tests.
 Import after ``pytest.importorskip("transformers")``."""
 
+import torch
 import transformers
 
 CONFIGS = {
@@ -38,3 +39,12 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
     ),
 }
+
+
+def twin_models(name: str, device):
+    """(tileattn model, eager model) of one config with the same random weights, in eval mode."""
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="tileattn")
+    eager = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager")
+    eager.load_state_dict(ours.state_dict())
+    return ours.to(device).eval(), eager.to(device).eval()

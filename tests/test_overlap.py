@@ -105,6 +105,28 @@ def test_a_copied_model_forks_its_own_mlps(monkeypatch):
         assert torch.equal(generation.generate(model, ids, max_new_tokens=6), want)
 
 
+def test_a_saved_and_loaded_model_forks_again(monkeypatch):
+    """torch.save pickles the wrapped forwards as the classes' own; the loaded model's blocks
+    come back with keys of their own and the next probe wraps the modules again."""
+    import io
+
+    _fork_every_mlp(monkeypatch)
+    ours, eager = _models("phi")
+    ids = torch.randint(1, 96, (1, 11), device=DEVICE)
+    generation.generate(ours, ids, max_new_tokens=2)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    forks = []
+    fork = overlap.mlp_fork
+    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generation.generate(loaded, ids, max_new_tokens=4), want)
+    keys = [b.key for b in generation._facts(loaded, ids.device)[1]]
+    assert forks == keys * 3 and set(keys).isdisjoint(b.key for b in generation._facts(ours, ids.device)[1])
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_generate_with_forked_mlps_gives_eager_tokens(compile, monkeypatch):
     """The GPU path, forced on whatever device runs the tests (on the CPU the fork runs the MLP

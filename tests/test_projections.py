@@ -127,3 +127,24 @@ def test_one_row_products_run_as_the_gemv(name, products_per_layer, monkeypatch)
     with torch.no_grad(), projections.fused(model):
         torch.testing.assert_close(compiled(ids).double(), got, rtol=0, atol=0)
     assert counted == [products_per_layer * model.config.num_hidden_layers + 1]
+
+
+def test_a_fused_model_saves_and_loads_whole_and_fuses_again():
+    """torch.save of the whole model pickles the modules' wrapped forwards; they load as the
+    classes' own (loading failed before) and fuse() wraps them again."""
+    import io
+
+    model = _model("llama")
+    projections.fuse(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert projections.fuse(loaded) == 2 * loaded.config.num_hidden_layers
+        fused_linears, _ = _linear_nodes(loaded, ids, fused=True)
+        plain_linears, _ = _linear_nodes(model, ids, fused=False)
+    assert plain_linears - fused_linears == 3 * loaded.config.num_hidden_layers

@@ -53,11 +53,16 @@ class Block:
         self.active = False  # fork the MLP (inside ``overlapped``)
         self.compiled = False  # run the MLP through torch.compile (set by ``overlapped``)
         self.input = self.output = self.after = None
-        # installed at once, inert outside ``overlapped``: a compiled prefill traced before the
-        # first decode step then sees the same modules as the ones after it (no recompile)
-        attention._tileattn_block = mlp._tileattn_block = self
-        attention.forward = _attention_forward.__get__(attention)
-        mlp.forward = _mlp_forward.__get__(mlp)
+        self.install()
+
+    def install(self):
+        """Wrap the modules' forwards (again, after unpickling: see _attention_forward). Done at
+        once, inert outside ``overlapped``: a compiled prefill traced before the first decode
+        step then sees the same modules as the ones after it (no recompile)."""
+        self.attention._tileattn_block = self.mlp._tileattn_block = self
+        for module, function in ((self.attention, _attention_forward), (self.mlp, _mlp_forward)):
+            if getattr(module.__dict__.get("forward"), "__func__", None) is not function:
+                module.forward = function.__get__(module)
 
     def __getstate__(self):
         """A copied or pickled model's blocks (deepcopy goes through here) get keys of their own:
@@ -119,6 +124,7 @@ def probing(model: nn.Module):
             block = getattr(mlp, "_tileattn_block", None)
             if block is None or block.attention is not attention or block.mlp is not mlp:
                 block = Block(attention, mlp, out.shape[-1], out.dtype)
+            block.install()
             blocks.append(block)
 
 
@@ -207,6 +213,11 @@ def _mlp_forward(self, x, *args, **kwargs):
     mlp_join(out, x, block.after, block.key)
     block.input = block.output = block.after = None
     return out
+
+
+# pickled as getattr(module, "forward"): a loaded model gets its class's forwards back, and its
+# blocks' next probe installs these again (see projections for the same)
+_attention_forward.__name__ = _mlp_forward.__name__ = "forward"
 
 
 @contextlib.contextmanager

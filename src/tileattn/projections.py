@@ -121,6 +121,23 @@ def _single_forward(self, x):
     return F.linear(x, self.weight, self.bias)
 
 
+# Pickled, a module's instance forward is stored as getattr(module, function.__name__): named
+# "forward", the wrappers load as the class's own forward (torch.load of a whole model, which
+# failed on "_fused_forward" before), and fuse() wraps the modules again.
+_fused_forward.__name__ = _single_forward.__name__ = "forward"
+
+
+def _wrap(m: nn.Module, function):
+    if getattr(m.__dict__.get("forward"), "__func__", None) is not function:
+        m.forward = function.__get__(m)
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """No instance forward but ours or the class's (where unpickling leaves one of ours)."""
+    forward = getattr(m.__dict__.get("forward"), "__func__", None)
+    return "forward" not in m.__dict__ or forward in (type(m).forward, _single_forward)
+
+
 def fuse(model: nn.Module) -> int:
     """Group every parent's q/k/v and gate/up projections (plain ``nn.Linear``s with one input
     width, dtype and device) and route the other plain ``nn.Linear``s through ``linear`` inside
@@ -135,11 +152,12 @@ def fuse(model: nn.Module) -> int:
                 group = _Group(modules)
                 for i, m in enumerate(modules):
                     m._tileattn_group = (group, i)
-                    m.forward = _fused_forward.__get__(m)
+            for m in modules:
+                _wrap(m, _fused_forward)
             count += 1
     for m in model.modules():
-        if type(m) is nn.Linear and not hasattr(m, "_tileattn_group") and "forward" not in m.__dict__:
-            m.forward = _single_forward.__get__(m)
+        if type(m) is nn.Linear and not hasattr(m, "_tileattn_group") and _own_forward(m):
+            _wrap(m, _single_forward)
     return count
 
 

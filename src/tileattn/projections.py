@@ -133,7 +133,8 @@ def _wrap(m: nn.Module, function):
 
 
 def _own_forward(m: nn.Module) -> bool:
-    """No instance forward but ours or the class's (where unpickling leaves one of ours)."""
+    """Whether m runs its class's forward (no instance forward, or the class's own bound to it,
+    as unpickling leaves ours) or already ours: no other wrapper that fuse() would replace."""
     forward = getattr(m.__dict__.get("forward"), "__func__", None)
     return "forward" not in m.__dict__ or forward in (type(m).forward, _single_forward)
 

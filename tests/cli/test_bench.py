@@ -70,3 +70,18 @@ def test_paged_varlen_bench_times_three_ways(tmp_path):
     for row, timed in (("| 3 | 1 | 64 | 16 |", 3), ("| 2 | 17 | 48 | 16 |", 3), ("| 2 | 40 | 64 | 4 (2) | 32 |", 2)):
         line = next(line for line in report.splitlines() if line.startswith(row))
         assert line.count("(") == timed + row.count("(") and "—" not in line, line
+
+
+def test_generation_bench_reports_a_steady_decode_rate(tmp_path, monkeypatch):
+    """A tiny Phi in place of Phi-2 (the CPU runs the fast path and transformers' sdpa)."""
+    from ..tiny_models import CONFIGS
+
+    monkeypatch.setattr(bench, "phi2_config", CONFIGS["phi"])
+    args = ["bench", "--no-speed", "--no-memory", "--generation", "--prompt-lengths", "12", "--new-tokens", "8",
+            "--generation-attns", "sdpa", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = (tmp_path / "bench.md").read_text()
+    assert "| prompt | path | prefill tok/s | decode tok/s | steady decode tok/s | peak GiB |" in report
+    for path in ("tileattn-fast", "sdpa"):
+        cells = next(line for line in report.splitlines() if line.startswith(f"| 12 | {path} |")).split("|")
+        assert float(cells[5]) > 0  # steady decode tok/s

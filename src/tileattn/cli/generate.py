@@ -155,6 +155,7 @@ class Result:
     peak_mib: float
     peak_kind: str  # "GPU" (allocated) or "RSS" (whole process, CPU runs)
     text: str
+    total_s: float = float("nan")  # start to the last new token
 
 
 def _sync(device):
@@ -200,6 +201,7 @@ def _result(attn: str, input_ids, new: list[int], start: float, times: list[floa
         peak_mib=peak_mib,
         peak_kind=peak_kind,
         text=tokenizer.decode(new, skip_special_tokens=True) if tokenizer else "",
+        total_s=times[-1] - start,
     )
 
 

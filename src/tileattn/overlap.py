@@ -33,6 +33,8 @@ import weakref
 import torch
 from torch import nn
 
+from .projections import wrap_forward
+
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward")
 
@@ -56,13 +58,12 @@ class Block:
         self.install()
 
     def install(self):
-        """Wrap the modules' forwards (again, after unpickling: see _attention_forward). Done at
+        """Wrap the modules' forwards (again after unpickling: see wrap_forward). Done at
         once, inert outside ``overlapped``: a compiled prefill traced before the first decode
         step then sees the same modules as the ones after it (no recompile)."""
         self.attention._tileattn_block = self.mlp._tileattn_block = self
-        for module, function in ((self.attention, _attention_forward), (self.mlp, _mlp_forward)):
-            if getattr(module.__dict__.get("forward"), "__func__", None) is not function:
-                module.forward = function.__get__(module)
+        wrap_forward(self.attention, _attention_forward)
+        wrap_forward(self.mlp, _mlp_forward)
 
     def __getstate__(self):
         """A copied or pickled model's blocks (deepcopy goes through here) get keys of their own:
@@ -213,11 +214,6 @@ def _mlp_forward(self, x, *args, **kwargs):
     mlp_join(out, x, block.after, block.key)
     block.input = block.output = block.after = None
     return out
-
-
-# pickled as getattr(module, "forward"): a loaded model gets its class's forwards back, and its
-# blocks' next probe installs these again (see projections for the same)
-_attention_forward.__name__ = _mlp_forward.__name__ = "forward"
 
 
 @contextlib.contextmanager

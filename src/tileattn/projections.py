@@ -121,13 +121,12 @@ def _single_forward(self, x):
     return F.linear(x, self.weight, self.bias)
 
 
-# Pickled, a module's instance forward is stored as getattr(module, function.__name__): named
-# "forward", the wrappers load as the class's own forward (torch.load of a whole model, which
-# failed on "_fused_forward" before), and fuse() wraps the modules again.
-_fused_forward.__name__ = _single_forward.__name__ = "forward"
-
-
-def _wrap(m: nn.Module, function):
+def wrap_forward(m: nn.Module, function):
+    """Make function(m, ...) m's forward, unless it already is (here and in tileattn.overlap).
+    Pickled, an instance forward is stored as getattr(module, function.__name__): named
+    "forward", the wrappers load as the class's own forward (torch.load of a whole model failed
+    on "_fused_forward" before), and whoever wrapped them wraps them again."""
+    function.__name__ = "forward"
     if getattr(m.__dict__.get("forward"), "__func__", None) is not function:
         m.forward = function.__get__(m)
 
@@ -154,11 +153,11 @@ def fuse(model: nn.Module) -> int:
                 for i, m in enumerate(modules):
                     m._tileattn_group = (group, i)
             for m in modules:
-                _wrap(m, _fused_forward)
+                wrap_forward(m, _fused_forward)
             count += 1
     for m in model.modules():
         if type(m) is nn.Linear and not hasattr(m, "_tileattn_group") and _own_forward(m):
-            _wrap(m, _single_forward)
+            wrap_forward(m, _single_forward)
     return count
 
 

@@ -1,5 +1,6 @@
 """Tile-config helpers."""
 
+import pytest
 import torch
 
 from tileattn.kernels import config
@@ -138,3 +139,25 @@ def test_a_config_one_variant_cannot_fit_stays_first_for_the_others(monkeypatch)
     picked = [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for _, _, kw in kernel.launches]
     second = config._GPU_CONFIGS["fwd"][128][1]
     assert picked == [second, first, second]
+
+
+def test_graph_bench_waits_for_the_callers_queued_work(monkeypatch):
+    """do_bench_cudagraph runs fn on a stream of its own: without a synchronize first, its first
+    call could read what the caller's stream has yet to write."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append("synchronize"))
+    monkeypatch.setattr(config.triton.testing, "do_bench_cudagraph",
+                        lambda fn, rep, quantiles: calls.append("bench") or 1.0)
+    assert config.graph_bench(lambda: None) == 1.0
+    assert calls == ["synchronize", "bench"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_bench_sees_what_the_callers_stream_wrote_on_the_gpu():
+    x = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # tens of milliseconds of queued work before x is written
+    x.fill_(1.0)
+    seen = []
+    config.graph_bench(lambda: seen.append(x.clone()))
+    assert seen[0].item() == 1.0

@@ -247,7 +247,15 @@ def _meta(block_m, block_n) -> dict:
 def graph_bench(fn, quantiles=None):
     """Milliseconds of fn replayed from a CUDA graph. A decode launch lasts microseconds: timed
     that way, as generation runs it, or launch overhead decides the choice (autotuned by plain
-    timing, batch 1 x 8k decode read 2.52 TB/s on an H100, the first config 2.72)."""
+    timing, batch 1 x 8k decode read 2.52 TB/s on an H100, the first config 2.72).
+
+    Triton's do_bench_cudagraph runs fn on a new stream that does not wait for the caller's:
+    its first launch can read inputs that kernels still queued on the caller's stream have not
+    written yet (a decode step's cache lengths, read as garbage, send the kernel past the cache)
+    and is timed beside them. A compiled Phi-2 generate on an H100 hit an illegal memory access
+    in here right after its 16k-token prefill. So the device is synchronized first, as the
+    benchmark itself does after its warm-up."""
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 

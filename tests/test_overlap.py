@@ -60,19 +60,23 @@ def test_installed_blocks_are_inert_outside_the_scope_and_fall_back_for_other_in
             assert torch.equal(mlp(x), blocks[0].mlp_forward(x))
 
 
-def test_generation_forks_only_mlps_that_outweigh_the_cache_they_overlap():
+def test_compiled_generation_forks_only_mlps_that_outweigh_the_cache_they_overlap():
     """tiny phi: 2 K/V heads of dim 80 in float32 read 1280 bytes a cache slot per layer; its
-    MLP holds 2 x 160 x 64 weights and 224 biases, 82816 bytes: up to 64 slots."""
+    MLP holds 2 x 160 x 64 weights and 224 biases, 82816 bytes: up to 64 slots. Uncompiled steps
+    fork every MLP."""
     model, _ = _models("phi")
-    blocks = generation._facts(model, torch.device(DEVICE))[1]
+    device = torch.device(DEVICE)
+    blocks = generation._facts(model, device)[1]
     assert blocks[0].weight_bytes == 82816
-    assert generation._overlap_blocks(model, torch.device(DEVICE), 1, 64) == blocks
-    assert generation._overlap_blocks(model, torch.device(DEVICE), 1, 65) == []
-    assert generation._overlap_blocks(model, torch.device(DEVICE), 2, 64) == []
+    assert generation._overlap_blocks(model, device, 1, 64, True) == blocks
+    assert generation._overlap_blocks(model, device, 1, 65, True) == []
+    assert generation._overlap_blocks(model, device, 2, 64, True) == []
+    assert generation._overlap_blocks(model, device, 2, 4096, False) == blocks
 
 
-def test_generation_does_not_fork_mlps_lighter_than_the_cache(monkeypatch):
-    """256 cache slots (the smallest capacity generate allocates) outweigh tiny phi's MLP."""
+def test_uncompiled_generation_forks_mlps_lighter_than_the_cache(monkeypatch):
+    """256 cache slots (the smallest capacity generate allocates) outweigh tiny phi's MLP; its
+    uncompiled decode steps still fork every layer's, with eager generate's tokens."""
     monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
     forks = []
     fork = overlap.mlp_fork
@@ -81,7 +85,9 @@ def test_generation_does_not_fork_mlps_lighter_than_the_cache(monkeypatch):
     ids = torch.randint(1, 96, (1, 11), device=DEVICE)
     want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(generation.generate(ours, ids, max_new_tokens=4), want)
-    assert len(generation._facts(ours, ids.device)[1]) == ours.config.num_hidden_layers and forks == []
+    blocks = generation._facts(ours, ids.device)[1]
+    assert len(blocks) == ours.config.num_hidden_layers
+    assert forks == [b.key for b in blocks] * 3  # three decode steps after the prefill's token
 
 
 def test_a_copied_model_forks_its_own_mlps(monkeypatch):

@@ -183,13 +183,18 @@ def _fusing(model, device):
     return fused(model) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _overlap_blocks(model, device, batch: int, capacity: int) -> list:
-    """The parallel blocks whose MLP weights outweigh the KV cache their attention reads. Phi-2
-    on an H100, batch 1, compiled and graphed steps, MLP forked (tileattn.overlap) or not: after
-    a 2k prompt (cache 0.22x the MLP's bytes) a step took 2.19-2.32 ms instead of 2.83-2.89;
-    after 16k (1.6x) 4.36-4.54 instead of 4.34-4.39, the MLP's programs slowing the longer
-    attention as much as they hide. Between those two ratios the rule is untested."""
+def _overlap_blocks(model, device, batch: int, capacity: int, compiled: bool) -> list:
+    """The parallel blocks whose MLP goes on the side stream: every one in uncompiled steps, in
+    compiled ones those whose MLP weights outweigh the KV cache their attention reads. Phi-2 on
+    an H100, batch 1, CUDA-graphed steps, MLP forked or not: compiled, after a 2k prompt (cache
+    0.22x the MLP's bytes) a step took 2.19-2.32 ms instead of 2.83-2.89, after 16k (1.6x)
+    4.36-4.54 instead of 4.34-4.39, the MLP's programs slowing the longer attention as much as
+    they hide; uncompiled, whose steps leave more gaps between small kernels, 3.78-3.83 instead
+    of 4.37-4.41 after 2k and 5.09-5.28 instead of 5.91-6.16 after 16k. Between those two
+    ratios the compiled rule is untested."""
     shapes, blocks = _facts(model, device)
+    if not compiled:
+        return blocks
     cache_bytes = max((batch * capacity * heads * (k_dim + v_dim) * dtype.itemsize
                        for heads, k_dim, v_dim, dtype in shapes), default=0)
     return [block for block in blocks if block.weight_bytes >= cache_bytes]
@@ -203,7 +208,7 @@ def _overlapping(model, device, compile: bool, batch: int, capacity: int):
     kernels leave bandwidth idle between them."""
     if device.type not in OVERLAP_DEVICES:
         return contextlib.nullcontext()
-    return overlap.overlapped(_overlap_blocks(model, device, batch, capacity), compiled=compile)
+    return overlap.overlapped(_overlap_blocks(model, device, batch, capacity, compile), compiled=compile)
 
 
 class _Step:

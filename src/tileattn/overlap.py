@@ -9,9 +9,10 @@ a second stream. On an H100, Phi-2's compiled and graphed decode step after a 2k
 2.19-2.32 ms instead of 2.83-2.89 (same tokens); after a 16k prompt, where the attention reads
 1.6x the MLP's bytes, the MLP's programs slowed the attention as much as they hid, so
 tileattn.generation's compiled steps fork only MLPs that outweigh the cache their attention
-reads (uncompiled ones, with more gaps to fill, fork every one: see its _overlap_blocks). The step is
-captured on a high-priority stream, so the side stream's programs take the SMs the attention
-path leaves (at equal priority the 16k step was about 3% slower still, the 2k one no different).
+reads (uncompiled ones, with more gaps to fill, fork every one: see its _overlap_blocks). The
+step is captured on a high-priority stream, so the side stream's programs take the SMs the
+attention path leaves (at equal priority the 16k step was about 3% slower still, the 2k one no
+different).
 
 ``probing`` spots such layers from one probe forward (the MLP called with the very tensor the
 attention got, and returning a tensor); inside ``overlapped(blocks)`` each such attention

@@ -342,8 +342,8 @@ def tuned_splits(key, heuristic: int, time_splits) -> int:
     and 16 splits 2.52, while the same heads in flash-attn's (batch, seqlen, heads, dim) layout
     peak at 4 splits (2.61, 16 splits 2.31); 4k keys in the transformers layout want 8 (2.82 vs
     2.31). (In the 16640-slot cache generate allocates for a 16k prompt, 4 splits read 2.73 and
-    16 splits 2.50: BENCHMARKS.md.) Inside a CUDA-graph capture nothing can be timed: the heuristic stands (not
-    remembered), so a warm-up call outside the capture decides."""
+    16 splits 2.50: BENCHMARKS.md.) Inside a CUDA-graph capture nothing can be timed: the
+    heuristic stands (not remembered), so a warm-up call outside the capture decides."""
     if key in _TUNED_SPLITS:
         return _TUNED_SPLITS[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

@@ -20,10 +20,10 @@ def _recorder():
 def test_rounds_alternate_and_report_medians():
     calls, timer = _recorder()
     lines = []
-    medians = timed_rounds(timer, {"a": lambda: "a", "b": lambda: "b"}, 3, lines.append, unit="ms")
+    medians = timed_rounds(timer, {"a": lambda: "a", "b": lambda: "b"}, 3, lines.append)
     assert calls == ["a", "b"] * 3
     assert medians == {"a": 2.0, "b": 5.0}
-    assert lines == ["      ms per round: a 3.000 1.000 2.000; b 5.000 9.000 4.000"]
+    assert lines == ["      us per round: a 3000.0 1000.0 2000.0; b 5000.0 9000.0 4000.0"]
 
 
 def test_a_refusing_backend_is_absent_unless_errors_must_surface():

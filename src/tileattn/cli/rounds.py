@@ -31,13 +31,10 @@ def time_in_turn(timer, impls: dict, rounds: int, absent_ok: bool = True) -> dic
     return times
 
 
-def timed_rounds(timer, impls: dict, rounds: int, log, unit: str = "us") -> dict:
-    """{name: median ms over rounds} of time_in_turn; the log shows every round in unit ("us" or
-    "ms")."""
+def timed_rounds(timer, impls: dict, rounds: int, log) -> dict:
+    """{name: median ms over rounds} of time_in_turn; the log shows every round in us."""
     times = time_in_turn(timer, impls, rounds)
     if rounds > 1:
-        scale, digits = (1e3, 1) if unit == "us" else (1.0, 3)
-        log(f"      {unit} per round: " + "; ".join(
-            f"{n} " + " ".join("—" if t is None else f"{t * scale:.{digits}f}" for t in ts)
-            for n, ts in times.items()))
+        log("      us per round: " + "; ".join(
+            f"{n} " + " ".join("—" if t is None else f"{t * 1e3:.1f}" for t in ts) for n, ts in times.items()))
     return {n: None if None in ts else statistics.median(ts) for n, ts in times.items()}

@@ -203,10 +203,10 @@ def _overlap_blocks(model, device, batch: int, capacity: int, compiled: bool) ->
 OVERLAP_DEVICES = ("cuda",)  # the CPU has one stream: nothing to overlap (tests add it)
 
 
-def _overlapping(model, device, compile: bool, batch: int, capacity: int):
+def _overlapping(model, device, compile: bool, batch: int, capacity: int, enabled: bool = True):
     """Parallel blocks' MLPs on a second stream during decode steps, on the GPU, where a step's
     kernels leave bandwidth idle between them."""
-    if device.type not in OVERLAP_DEVICES:
+    if not enabled or device.type not in OVERLAP_DEVICES:
         return contextlib.nullcontext()
     return overlap.overlapped(_overlap_blocks(model, device, batch, capacity, compile), compiled=compile)
 
@@ -262,7 +262,7 @@ class _Step:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             cuda_graph: bool = False, compile: bool = False, on_token=None) -> torch.Tensor:
+             cuda_graph: bool = False, compile: bool = False, overlap: bool = True, on_token=None) -> torch.Tensor:
     """Generate with a static cache and the KV-cache kernel; returns (B, prompt + new) token ids.
 
     Args:
@@ -280,13 +280,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             (fused norms, activations, rotary and residuals; the first call per batch size
             compiles, tens of seconds for a 2.7B model; later calls and other prompt lengths
             reuse it). Combines with cuda_graph, which then captures the compiled step.
+        overlap: on CUDA, run parallel layers' MLPs (Phi, GPT-J, Cohere, Falcon) on a second
+            stream beside their attention in decode steps (below); False keeps one stream.
         on_token: optional callback receiving each step's tokens (B,) as they are chosen.
 
     On CUDA the compiled prefill and the decode steps run each layer's q/k/v (and gate/up)
     projections as one matmul (tileattn.projections): the model's parameters become views of
     one buffer per group, with the same names, values and Parameter objects. The decode steps
     of parallel layers (attention and MLP reading one input, as in Phi) run the MLP on a second
-    CUDA stream beside the attention (tileattn.overlap).
+    CUDA stream beside the attention (tileattn.overlap; in compiled steps only where the MLP's
+    weights outweigh the KV cache the attention reads).
 
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
     """
@@ -332,7 +335,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         out = model(attention_mask=attention_mask, input_ids=input_ids, position_ids=positions,
                     cache_position=cache_position, **_model_kwargs(model, cache))
         logits = out.logits[:, -1]
-    with _fusing(model, device), _overlapping(model, device, compile, batch, capacity):
+    with _fusing(model, device), _overlapping(model, device, compile, batch, capacity, overlap):
         step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens = []

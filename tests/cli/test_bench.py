@@ -1,11 +1,14 @@
 """`tileattn bench`: it runs, the other backends agree with tileattn, and it writes its report."""
 
+import importlib
 import os
 
 import torch
 
 from tileattn.cli import bench, main
 from tileattn.cli.bench import attention_backends, attention_flops
+
+bench_generate = importlib.import_module("tileattn.cli.generate")
 
 
 def test_flop_convention():
@@ -73,15 +76,35 @@ def test_paged_varlen_bench_times_three_ways(tmp_path):
 
 
 def test_generation_bench_reports_a_steady_decode_rate(tmp_path, monkeypatch):
-    """A tiny Phi in place of Phi-2 (the CPU runs the fast path and transformers' sdpa)."""
+    """A tiny Phi in place of Phi-2 (the CPU runs the fast path, on one stream too, and
+    transformers' sdpa); the one-stream row must not fork."""
+    from tileattn import generation, overlap
+
     from ..tiny_models import CONFIGS
 
     monkeypatch.setattr(bench, "phi2_config", CONFIGS["phi"])
+    monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(generation, "_overlap_blocks", lambda model, device, *_: generation._facts(model, device)[1])
+    forks = []
+    fork = overlap.mlp_fork
+    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    runs = []
+    timed = bench_generate.timed_fast_generate
+
+    def counting(*args, **kwargs):
+        forks.clear()
+        result = timed(*args, **kwargs)
+        runs.append((kwargs["overlap"] and args[2] > 1, bool(forks)))  # one new token: no decode step
+        return result
+
+    monkeypatch.setattr(bench_generate, "timed_fast_generate", counting)
     args = ["bench", "--no-speed", "--no-memory", "--generation", "--prompt-lengths", "12", "--new-tokens", "8",
-            "--generation-attns", "sdpa", "--out", str(tmp_path)]
+            "--generation-attns", "sdpa", "--overlap-ab", "--out", str(tmp_path)]
     assert main(args) == 0
+    assert {overlapped for overlapped, _ in runs} == {True, False}
+    assert all(forked == overlapped for overlapped, forked in runs)
     report = (tmp_path / "bench.md").read_text()
     assert "| prompt | path | prefill tok/s | decode tok/s | steady decode tok/s | peak GiB |" in report
-    for path in ("tileattn-fast", "sdpa"):
+    for path in ("tileattn-fast", "tileattn-fast one stream", "sdpa"):
         cells = next(line for line in report.splitlines() if line.startswith(f"| 12 | {path} |")).split("|")
         assert float(cells[5]) > 0  # steady decode tok/s

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
     p.add_argument("--compile-step", action="store_true",
                    help="--generation on CUDA: also the fast path with prefill and decode step through torch.compile")
+    p.add_argument("--overlap-ab", action="store_true",
+                   help="--generation: also each tileattn fast path on one stream (no MLP beside the attention)")
     p.add_argument("--generation-attns", nargs="*", default=["tileattn", "sdpa", "eager"],
                    help="attentions timed through transformers' generate for --generation")
     p.add_argument("--decode", action="store_true",
@@ -299,10 +301,11 @@ def phi2_config():
 
 
 def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, compile_step: bool = False,
-                     attns=("tileattn", "sdpa", "eager")) -> list[tuple]:
+                     attns=("tileattn", "sdpa", "eager"), overlap_ab: bool = False) -> list[tuple]:
     """Prefill and decode speed and peak memory: transformers' generate under each attention, and
     tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA, and
-    with compile_step also through torch.compile)."""
+    with compile_step also through torch.compile). overlap_ab: each fast path also on one stream
+    (generate(overlap=False)), right after it."""
     import transformers
 
     from .generate import timed_fast_generate, timed_generate
@@ -315,12 +318,15 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, co
         runs.append(("tileattn-fast+graph", "tileattn", dict(fast=True, cuda_graph=True)))
         if compile_step:
             runs.append(("tileattn-fast+graph+compile", "tileattn", dict(fast=True, cuda_graph=True, compile=True)))
+    if overlap_ab:
+        runs = [twin for run in runs for twin in (run, (f"{run[0]} one stream", run[1], dict(run[2], overlap=False)))]
     runs += [(attn, attn, dict(fast=False)) for attn in attns]
 
-    def run(ids, tokens, fast=False, cuda_graph=False, compile=False):
+    def run(ids, tokens, fast=False, cuda_graph=False, compile=False, overlap=True):
         if fast:
             with torch.inference_mode():
-                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph, compile=compile)
+                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph, compile=compile,
+                                           overlap=overlap)
         return timed_generate(model, ids, tokens, device)
 
     rows = []
@@ -522,7 +528,7 @@ def run(args) -> int:
     if args.generation:
         log(f"== generation, Phi-2 architecture, random weights, batch {args.batch}")
         generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch,
-                                           args.compile_step, args.generation_attns)
+                                           args.compile_step, args.generation_attns, args.overlap_ab)
     decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")

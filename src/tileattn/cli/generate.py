@@ -207,7 +207,7 @@ def _result(attn: str, input_ids, new: list[int], start: float, times: list[floa
 
 def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=None, pad_token_id=None,
                         tokenizer=None, stream: bool = False, cuda_graph: bool = False,
-                        compile: bool = False) -> Result:
+                        compile: bool = False, overlap: bool = True) -> Result:
     """Greedy generation through tileattn.generation (static cache, KV-cache kernel), timed as
     timed_generate times transformers' generate."""
     from ..generation import generate as fast_generate
@@ -232,7 +232,8 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     _sync(device)
     start = time.perf_counter()
     out = fast_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile, on_token=on_token)
+                        pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile, overlap=overlap,
+                        on_token=on_token)
     _sync(device)
     if times:  # the last step ends when the device is done, not when it was queued
         times[-1] = time.perf_counter()
@@ -243,6 +244,8 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
         eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         new = new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
     label = "tileattn-fast" + ("+graph" if cuda_graph else "") + ("+compile" if compile else "")
+    if not overlap:
+        label += " one stream"
     return _result(label, input_ids, new, start, times, device, tokenizer)
 
 

@@ -8,18 +8,12 @@ transformers = pytest.importorskip("transformers")
 import tileattn  # noqa: E402,F401  (registers "tileattn")
 from tileattn import generation, overlap  # noqa: E402
 
-from .helpers import DEVICE  # noqa: E402
+from .helpers import DEVICE, fork_every_mlp, record_forks  # noqa: E402
 from .tiny_models import twin_models  # noqa: E402
 
 
 def _models(name):
     return twin_models(name, DEVICE)
-
-
-def _fork_every_mlp(monkeypatch):
-    """generation's GPU path on any device, for every parallel block whatever the cache size."""
-    monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(generation, "_overlap_blocks", lambda model, device, *_: generation._facts(model, device)[1])
 
 
 def _probe(model):
@@ -47,9 +41,7 @@ def test_installed_blocks_are_inert_outside_the_scope_and_fall_back_for_other_in
     with torch.no_grad():
         want = model(input_ids=ids).logits
         blocks = _probe(model)
-        forks = []
-        fork = overlap.mlp_fork
-        monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+        forks = record_forks(monkeypatch)
         assert torch.equal(model(input_ids=ids).logits, want) and forks == []
         with overlap.overlapped(blocks):
             assert torch.equal(model(input_ids=ids).logits, want)
@@ -78,9 +70,7 @@ def test_uncompiled_generation_forks_mlps_lighter_than_the_cache(monkeypatch):
     """256 cache slots (the smallest capacity generate allocates) outweigh tiny phi's MLP; its
     uncompiled decode steps still fork every layer's, with eager generate's tokens."""
     monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
-    forks = []
-    fork = overlap.mlp_fork
-    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    forks = record_forks(monkeypatch)
     ours, eager = _models("phi")
     ids = torch.randint(1, 96, (1, 11), device=DEVICE)
     want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -95,7 +85,7 @@ def test_a_copied_model_forks_its_own_mlps(monkeypatch):
     the model the copy came from."""
     import copy
 
-    _fork_every_mlp(monkeypatch)
+    fork_every_mlp(monkeypatch)
     ours, eager = _models("phi")
     ids = torch.randint(1, 96, (1, 11), device=DEVICE)
     generation.generate(ours, ids, max_new_tokens=2)  # probes: blocks installed
@@ -116,7 +106,7 @@ def test_a_saved_and_loaded_model_forks_again(monkeypatch):
     come back with keys of their own and the next probe wraps the modules again."""
     import io
 
-    _fork_every_mlp(monkeypatch)
+    fork_every_mlp(monkeypatch)
     ours, eager = _models("phi")
     ids = torch.randint(1, 96, (1, 11), device=DEVICE)
     generation.generate(ours, ids, max_new_tokens=2)
@@ -124,9 +114,7 @@ def test_a_saved_and_loaded_model_forks_again(monkeypatch):
     torch.save(ours, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    forks = []
-    fork = overlap.mlp_fork
-    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    forks = record_forks(monkeypatch)
     want = eager.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(generation.generate(loaded, ids, max_new_tokens=4), want)
     keys = [b.key for b in generation._facts(loaded, ids.device)[1]]
@@ -138,11 +126,10 @@ def test_generate_with_forked_mlps_gives_eager_tokens(compile, monkeypatch):
     """The GPU path, forced on whatever device runs the tests (on the CPU the fork runs the MLP
     in place): each decode step forks every layer's MLP and joins it, compiled without graph
     breaks (the decode graph holds a fork and a join per layer)."""
-    _fork_every_mlp(monkeypatch)
-    forks, graphs = [], []
-    fork = overlap.mlp_fork
-    if not compile:  # traced, the counting list would be guarded on and recompile every step
-        monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    fork_every_mlp(monkeypatch)
+    graphs = []
+    # traced, the counting list would be guarded on and recompile every step
+    forks = [] if compile else record_forks(monkeypatch)
 
     def recording(gm, example_inputs):  # dynamo's graph, run as traced
         ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
@@ -174,7 +161,7 @@ def test_compiled_decode_step_launches_each_fork_before_its_attention(monkeypatc
 
     from torch._inductor.utils import run_and_get_code
 
-    _fork_every_mlp(monkeypatch)
+    fork_every_mlp(monkeypatch)
     ours, _ = _models("phi")
     ids = torch.randint(1, 96, (1, 11), device=DEVICE)
     torch._dynamo.reset()

@@ -78,16 +78,12 @@ def test_paged_varlen_bench_times_three_ways(tmp_path):
 def test_generation_bench_reports_a_steady_decode_rate(tmp_path, monkeypatch):
     """A tiny Phi in place of Phi-2 (the CPU runs the fast path, on one stream too, and
     transformers' sdpa); the one-stream row must not fork."""
-    from tileattn import generation, overlap
-
+    from ..helpers import fork_every_mlp, record_forks
     from ..tiny_models import CONFIGS
 
     monkeypatch.setattr(bench, "phi2_config", CONFIGS["phi"])
-    monkeypatch.setattr(generation, "OVERLAP_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(generation, "_overlap_blocks", lambda model, device, *_: generation._facts(model, device)[1])
-    forks = []
-    fork = overlap.mlp_fork
-    monkeypatch.setattr(overlap, "mlp_fork", lambda *a: forks.append(a[1]) or fork(*a))
+    fork_every_mlp(monkeypatch)
+    forks = record_forks(monkeypatch)
     runs = []
     timed = bench_generate.timed_fast_generate
 

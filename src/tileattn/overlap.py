@@ -56,8 +56,12 @@ class Block:
         self.done = None  # CUDA event the side stream records after the MLP
         self.active = False  # fork the MLP (inside ``overlapped``)
         self.compiled = False  # run the MLP through torch.compile (set by ``overlapped``)
-        self.input = self.output = self.after = None
+        self.forget()
         self.install()
+
+    def forget(self):
+        """Drop one step's tensors: the shared input, the forked MLP's output, the attention's."""
+        self.input = self.output = self.after = None
 
     def install(self):
         """Wrap the modules' forwards (again after unpickling: see wrap_forward). Done at
@@ -214,7 +218,7 @@ def _mlp_forward(self, x, *args, **kwargs):
         return block.mlp_forward(x, *args, **kwargs)
     out = block.output
     mlp_join(out, x, block.after, block.key)
-    block.input = block.output = block.after = None
+    block.forget()
     return out
 
 
@@ -224,11 +228,11 @@ def overlapped(blocks: list[Block], compiled: bool = False):
     torch.compile if ``compiled``: for steps that are compiled themselves); other blocks, and
     these outside it, run as they were. A compiled step guards on which blocks fork."""
     for block in blocks:
-        block.input = block.output = block.after = None
+        block.forget()
         block.active, block.compiled = True, compiled
     try:
         yield
     finally:
         for block in blocks:
             block.active = False
-            block.input = block.output = block.after = None
+            block.forget()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -115,10 +116,12 @@ def test_one_row_products_run_as_the_gemv(name, products_per_layer, monkeypatch)
         model(input_ids=torch.cat([ids, ids], 1))
     assert calls == []
 
-    counted = []
+    counted, activations = [], []
 
     def backend(gm, example_inputs):
-        counted.append(sum(node.target is torch.ops.tileattn.gemv.default for node in gm.graph.nodes))
+        gemvs = [node for node in gm.graph.nodes if node.target is torch.ops.tileattn.gemv.default]
+        counted.append(len(gemvs))
+        activations.extend(node.args[3] for node in gemvs if len(node.args) > 3 and node.args[3])
         return gm
 
     monkeypatch.setattr(projections, "gemv", real)
@@ -127,6 +130,8 @@ def test_one_row_products_run_as_the_gemv(name, products_per_layer, monkeypatch)
     with torch.no_grad(), projections.fused(model):
         torch.testing.assert_close(compiled(ids).double(), got, rtol=0, atol=0)
     assert counted == [products_per_layer * model.config.num_hidden_layers + 1]
+    # Phi's gelu_new runs inside fc1's GEMV; Llama's SiLU gates a product (not fused)
+    assert activations == {"phi": ["gelu_tanh"], "llama": []}[name] * model.config.num_hidden_layers
 
 
 def test_a_fused_model_saves_and_loads_whole_and_fuses_again():
@@ -148,3 +153,94 @@ def test_a_fused_model_saves_and_loads_whole_and_fuses_again():
         fused_linears, _ = _linear_nodes(loaded, ids, fused=True)
         plain_linears, _ = _linear_nodes(model, ids, fused=False)
     assert plain_linears - fused_linears == 3 * loaded.config.num_hidden_layers
+
+
+class _MLP(nn.Module):
+    """fc1 -> activation_fn -> fc2, as Phi's MLP; ``scale`` makes the forward something else."""
+
+    def __init__(self, act: nn.Module, scale: float = 1.0, width: int = 48, hidden: int = 80):
+        super().__init__()
+        self.fc1, self.activation_fn, self.fc2 = nn.Linear(width, hidden), act, nn.Linear(hidden, width)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)) * self.scale)
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _assert_mlp_matches_fp64(mlp, x, act):
+    """The MLP in x's precision against fp64, with torch's own error in that precision as the
+    yardstick: an activation applied twice (or not at all) is far outside it."""
+    p = {n: t.double() for n, t in mlp.state_dict().items()}
+    ref = F.linear(act(F.linear(x.double(), p["fc1.weight"], p["fc1.bias"])), p["fc2.weight"], p["fc2.bias"])
+    with torch.no_grad():
+        torch_err = (mlp(x).double() - ref).abs().max().item()
+        with projections.fused(mlp):
+            err = (mlp(x).double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + torch.finfo(x.dtype).eps * ref.abs().max().item(), (err, torch_err)
+
+
+def test_mlp_activation_moves_into_the_up_gemv_only_where_proven(monkeypatch):
+    """fuse tags an MLP only when its forward is down(act(up(x))) bit for bit and the module is one
+    of the GEMV's activations; one-row products then apply it inside the up GEMV, once."""
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    torch.manual_seed(0)
+    shared = nn.SiLU()
+    parent = nn.Module()
+    parent.tanh = _MLP(transformers.activations.NewGELUActivation())
+    parent.erf = _MLP(nn.GELU())
+    parent.relu = _MLP(nn.ReLU())
+    parent.a, parent.b = _MLP(shared), _MLP(shared)  # one activation module, two MLPs
+    parent.scaled = _MLP(nn.GELU(), scale=2.0)  # forward is not down(act(up(x)))
+    parent.quick = _MLP(_QuickGELU())  # not a formula the GEMV has
+    parent.to(DEVICE, torch.bfloat16)
+    projections.fuse(parent)
+    kinds = {name: getattr(getattr(parent, name).fc1, "_tileattn_activation", None)
+             for name in ("tanh", "erf", "relu", "a", "b", "scaled", "quick")}
+    assert {n: h.kind if h else None for n, h in kinds.items()} == {
+        "tanh": "gelu_tanh", "erf": "gelu", "relu": "relu", "a": "silu", "b": "silu", "scaled": None, "quick": None}
+    assert kinds["a"] is kinds["b"]
+
+    calls = []
+    real = projections.gemv
+    monkeypatch.setattr(projections, "gemv", lambda *a: calls.append(a[3] if len(a) > 3 else "") or real(*a))
+    x = 3 * torch.randn(1, 1, 48, device=DEVICE, dtype=torch.bfloat16)
+    torch_act = {"tanh": lambda t: F.gelu(t, approximate="tanh"), "erf": F.gelu, "relu": F.relu, "a": F.silu,
+                 "b": F.silu, "quick": lambda t: t * torch.sigmoid(1.702 * t)}
+    for name, act in torch_act.items():
+        calls.clear()
+        _assert_mlp_matches_fp64(getattr(parent, name), x, act)
+        assert calls == [kinds[name].kind if kinds[name] else "", ""], name
+    with torch.no_grad(), projections.fused(parent):
+        # the shared module still computes for anyone else, and after an MLP two rows stay unfused
+        y = parent.a.fc1(x)
+        torch.testing.assert_close(shared(x), F.silu(x))
+        assert torch.equal(shared(y), y)  # the activated row itself passes through
+        two = torch.cat([x, x], 1)
+        m = parent.tanh
+        torch.testing.assert_close(m(two), m.fc2(m.activation_fn(m.fc1(two))), rtol=0, atol=0)
+
+
+def test_mlp_activation_survives_a_whole_model_pickle(monkeypatch):
+    """Unpickled, the wrapped forwards load as the classes' own; fuse wraps the activation again,
+    so the up GEMV's activation is not applied a second time."""
+    import io
+
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    torch.manual_seed(0)
+    mlp = _MLP(transformers.activations.NewGELUActivation()).to(DEVICE, torch.bfloat16)
+    projections.fuse(mlp)
+    buffer = io.BytesIO()
+    torch.save(mlp, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.fc1._tileattn_activation is loaded.activation_fn._tileattn_activation
+    _assert_mlp_matches_fp64(loaded, 3 * torch.randn(1, 1, 48, device=DEVICE, dtype=torch.bfloat16),
+                             lambda t: F.gelu(t, approximate="tanh"))
+    loaded.activation_fn = nn.ReLU()  # replaced after fusing: judged again
+    _assert_mlp_matches_fp64(loaded, torch.randn(1, 1, 48, device=DEVICE, dtype=torch.bfloat16), F.relu)
+    assert loaded.fc1._tileattn_activation.kind == "relu"

@@ -238,23 +238,24 @@ def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_tabl
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The tileattn::gemv op (one-row ``F.linear`` as a Triton GEMV), called directly where
-    nothing needs the dispatcher. Inference only: it has no backward."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "") -> torch.Tensor:
+    """The tileattn::gemv op (one-row ``F.linear`` as a Triton GEMV, then an optional
+    activation: see tileattn.kernels.gemv), called directly where nothing needs the dispatcher.
+    Inference only: it has no backward."""
     if _direct(x, weight, bias):
-        return _gemv(x, weight, bias)
-    return gemv_op(x, weight, bias)
+        return _gemv(x, weight, bias, activation)
+    return gemv_op(x, weight, bias, activation)
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "") -> torch.Tensor:
     from .kernels.gemv import gemv as kernel  # triton only where a GEMV runs
 
-    return kernel(x, weight, bias)
+    return kernel(x, weight, bias, activation=activation)
 
 
 gemv_op = torch.library.custom_op("tileattn::gemv", _gemv, mutates_args=())
 
 
 @gemv_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, activation=""):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))

@@ -18,14 +18,22 @@ parameters assigned).
 
 Inside the scope a product of one row (batch-1 decode) in float16 or bfloat16 on the Triton
 backend runs as ``tileattn::gemv`` (tileattn.kernels.gemv), for the groups and for every other
-``nn.Linear`` of the model. On an H100, reading each matrix from memory as a decode step does,
-Phi-2's q/k/v, dense, fc1 and fc2 products took 16.6, 8.0, 21.0 and 23.6 us with cuBLAS and
-15.6, 6.7, 19.6 and 19.6 us as the GEMV (same call).
+``nn.Linear`` of the model. An MLP that computes down(act(up(x))) (Phi's fc1/activation_fn/fc2,
+GPT-J's and GPT-NeoX's names too) with a GELU, SiLU or ReLU gets its activation inside the up
+product's GEMV: the up projection returns the activated row and the activation module, handed
+that very tensor, returns it as is. ``fuse`` makes sure before it tags an MLP: its forward must
+give bit for bit what down(act(up(x))) gives on a probe row, and the activation module must
+match one of the kernel's formulas on a sweep of inputs.
+
+On an H100, reading each matrix from memory as a decode step does, Phi-2's q/k/v, dense, fc1
+and fc2 products took 16.6, 8.0, 21.0 and 23.6 us with cuBLAS and 15.6, 6.7, 19.6 and 19.6 us
+as the GEMV (same call).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +44,13 @@ from .ops import gemv
 from .scoped import ScopedValue
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+MLPS = (("fc1", "activation_fn", "fc2"), ("fc_in", "act", "fc_out"), ("dense_h_to_4h", "act", "dense_4h_to_h"))
+ACTIVATIONS = {  # the GEMV's activations (tileattn.kernels.gemv) as PyTorch computes them
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
 
 _ACTIVE = ScopedValue("tileattn_fused_projections")
 
@@ -89,6 +104,77 @@ class _Group:
         return out
 
 
+class _Activation:
+    """An activation module computed inside its MLP's up projection: the kind the GEMV applies,
+    and the up product's activated output until the module takes it. Shared by every MLP that
+    calls the same activation module."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.pending = None
+
+    def __getstate__(self):
+        return {"kind": self.kind, "pending": None}
+
+
+def _activation_kind(act: nn.Module, device: torch.device) -> str | None:
+    """Which of the GEMV's activations the module computes, judged on a sweep of inputs (its
+    class says too little: transformers has several tanh GELUs, hub kernels replace forwards)."""
+    t = torch.linspace(-8, 8, 2001, device=device, dtype=torch.float32)
+    try:
+        out = act(t)
+    except Exception:  # a module that is not an elementwise activation: not ours to fuse
+        return None
+    for kind, reference in ACTIVATIONS.items():
+        if isinstance(out, torch.Tensor) and out.shape == t.shape and torch.allclose(out, reference(t), rtol=1e-5,
+                                                                                      atol=1e-5):
+            return kind
+    return None
+
+
+def _computes_down_act_up(mlp: nn.Module, up: nn.Linear, act: nn.Module, down: nn.Linear) -> bool:
+    """Whether the MLP's class forward gives exactly down(act(up(x))) on a probe row (made
+    without the random generator, whose state belongs to the caller)."""
+    x = torch.sin(torch.arange(up.in_features, device=up.weight.device, dtype=torch.float32) * 0.37)
+    x = x.to(up.weight.dtype).reshape(1, 1, -1)
+    try:
+        got = type(mlp).forward(mlp, x)
+    except Exception:
+        return False
+    want = F.linear(act(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
+
+
+_REFUSED = weakref.WeakKeyDictionary()  # up projection -> the activation module judged not fusable with it
+
+
+def _tag_activations(model: nn.Module):
+    """Give each MLP that computes down(act(up(x))) with a known activation its _Activation, and
+    wrap the activation modules' forwards (again after unpickling: see wrap_forward)."""
+    with torch.no_grad(), _ACTIVE.bind(False):
+        for mlp in model.modules():
+            for names in MLPS:
+                up, act, down = (getattr(mlp, n, None) for n in names)
+                if type(up) is not nn.Linear or type(down) is not nn.Linear or not isinstance(act, nn.Module):
+                    continue
+                holder = getattr(up, "_tileattn_activation", None)
+                if holder is not None and getattr(act, "_tileattn_activation", None) is not holder:
+                    del up._tileattn_activation  # the activation module was replaced: judge the new one
+                    holder = None
+                if holder is None:
+                    if hasattr(up, "_tileattn_group") or not _own_forward(act) or _REFUSED.get(up) is act:
+                        continue
+                    holder = getattr(act, "_tileattn_activation", None)
+                    kind = holder.kind if holder else _activation_kind(act, up.weight.device)
+                    if kind is None or not _computes_down_act_up(mlp, up, act, down):
+                        _REFUSED[up] = act  # judged once: fused() calls fuse() every time
+                        continue
+                    if holder is None:
+                        holder = act._tileattn_activation = _Activation(kind)
+                    up._tileattn_activation = holder
+                wrap_forward(act, _activation_forward)
+
+
 def _fusable(modules) -> bool:
     first = modules[0]
     return all(
@@ -98,14 +184,17 @@ def _fusable(modules) -> bool:
     )
 
 
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x holds one row of float16/bfloat16 on the Triton backend and no gradient is wanted (the
+    GEMV has no backward)."""
+    return x.numel() == x.shape[-1] and x.dtype in (torch.float16, torch.bfloat16) and weight.stride(-1) == 1 and \
+        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and \
+        backend_name(x.device) == "triton"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, as the GEMV where x holds one row of float16/bfloat16 on the Triton backend
-    and no gradient is wanted (the GEMV has no backward)."""
-    if x.numel() == x.shape[-1] and x.dtype in (torch.float16, torch.bfloat16) and weight.stride(-1) == 1 and \
-            not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and \
-            backend_name(x.device) == "triton":
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+    """``F.linear``, as the GEMV where it fits (``_gemv_fits``)."""
+    return gemv(x, weight, bias) if _gemv_fits(x, weight) else F.linear(x, weight, bias)
 
 
 def _fused_forward(self, x):
@@ -116,9 +205,21 @@ def _fused_forward(self, x):
 
 
 def _single_forward(self, x):
-    if _ACTIVE.get():
-        return linear(x, self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)
+    if not _ACTIVE.get():
+        return F.linear(x, self.weight, self.bias)
+    holder = getattr(self, "_tileattn_activation", None)
+    if holder is not None and _gemv_fits(x, self.weight):
+        holder.pending = gemv(x, self.weight, self.bias, holder.kind)
+        return holder.pending
+    return linear(x, self.weight, self.bias)
+
+
+def _activation_forward(self, x, *args, **kwargs):
+    holder = self._tileattn_activation
+    if holder.pending is not None and holder.pending is x and not args and not kwargs:
+        holder.pending = None  # taken: a compiled step keeps no reference to it
+        return x
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def wrap_forward(m: nn.Module, function):
@@ -135,13 +236,14 @@ def _own_forward(m: nn.Module) -> bool:
     """Whether m runs its class's forward (no instance forward, or the class's own bound to it,
     as unpickling leaves ours) or already ours: no other wrapper that fuse() would replace."""
     forward = getattr(m.__dict__.get("forward"), "__func__", None)
-    return "forward" not in m.__dict__ or forward in (type(m).forward, _single_forward)
+    return "forward" not in m.__dict__ or forward in (type(m).forward, _single_forward, _activation_forward)
 
 
 def fuse(model: nn.Module) -> int:
     """Group every parent's q/k/v and gate/up projections (plain ``nn.Linear``s with one input
-    width, dtype and device) and route the other plain ``nn.Linear``s through ``linear`` inside
-    ``fused``; returns the number of groups. Calling it again is a no-op."""
+    width, dtype and device), route the other plain ``nn.Linear``s through ``linear`` inside
+    ``fused`` and move known MLP activations into their up products' GEMVs; returns the number
+    of groups. Calling it again is a no-op."""
     count = 0
     for parent in model.modules():
         for names in GROUPS:
@@ -158,6 +260,7 @@ def fuse(model: nn.Module) -> int:
     for m in model.modules():
         if type(m) is nn.Linear and not hasattr(m, "_tileattn_group") and _own_forward(m):
             wrap_forward(m, _single_forward)
+    _tag_activations(model)
     return count
 
 

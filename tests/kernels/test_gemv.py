@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tileattn.kernels.gemv import gemv, gemv_config
+from tileattn.kernels.gemv import ACTIVATIONS, gemv, gemv_config
+from tileattn.projections import ACTIVATIONS as TORCH_ACTIVATIONS
 
 from ..helpers import DEVICE
 
@@ -20,15 +21,16 @@ def _inputs(n, k, dtype, bias):
     return x, w, b
 
 
-def _check(x, w, b, dtype):
+def _check(x, w, b, dtype, activation=""):
     out = torch.full(x.shape[:-1] + (w.shape[0],), float("nan"), device=DEVICE, dtype=dtype)
-    got = gemv(x, w, b, out=out)
+    got = gemv(x, w, b, out=out, activation=activation)
     assert got is out and got.shape == x.shape[:-1] + (w.shape[0],)
-    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    # torch's own product in the same precision is the yardstick, plus one unit in the last place
-    # of the largest output: the error is mostly the output's rounding, and Triton's interpreter
-    # truncates float32 -> bfloat16 where the GPU rounds to nearest
-    torch_err = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item()
+    act = TORCH_ACTIVATIONS.get(activation, lambda t: t)
+    ref = act(torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()))
+    # torch's own product (and activation) in the same precision is the yardstick, plus one unit
+    # in the last place of the largest output: the error is mostly the output's rounding, and
+    # Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest
+    torch_err = (act(torch.nn.functional.linear(x, w, b)).double() - ref).abs().max().item()
     err = (got.double() - ref).abs().max().item()
     ulp = torch.finfo(dtype).eps * ref.abs().max().item()
     assert err <= 2 * torch_err + ulp, (err, torch_err, ulp)
@@ -39,6 +41,18 @@ def _check(x, w, b, dtype):
 @pytest.mark.parametrize("n,k", SHAPES, ids=[f"N{n}-K{k}" for n, k in SHAPES])
 def test_matches_fp64_linear(n, k, dtype, bias):
     _check(*_inputs(n, k, dtype, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a])
+def test_activation_on_the_float32_sums(activation, dtype):
+    x, w, b = _inputs(300, 1100, dtype, True)
+    x *= 3  # outputs over [-6, 6]: every activation's curved part and both tails
+    _check(x, w, b, dtype, activation)
+
+
+def test_activations_match_the_torch_formulas():
+    assert set(ACTIVATIONS) == set(TORCH_ACTIVATIONS) | {""}
 
 
 def test_config_for_many_rows():
@@ -74,5 +88,8 @@ def test_bad_inputs_name_the_argument():
         gemv(x.long(), w.long(), None)
     with pytest.raises(ValueError, match="out must be"):
         gemv(x, w, b, out=torch.empty(1, 1, 7, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"activation must be one of \['', 'gelu', 'gelu_tanh', 'relu', 'silu'\], "
+                                         r"got 'tanh'"):
+        gemv(x, w, b, activation="tanh")
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         gemv([1.0] * 32, w, b)

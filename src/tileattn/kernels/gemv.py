@@ -5,6 +5,10 @@ cuBLAS runs these as tiles of 64 or 128 weight rows, too few programs for 132 SM
 sizes (2560 output rows: 40), or split over K with a second reduction kernel. Here each
 program owns a few rows and walks K in wide chunks, so thousands of small programs keep every
 SM's loads in flight. The products accumulate in float32; the result has the input's dtype.
+
+An activation can be applied to the float32 sums before they are stored (an MLP's first
+product: tileattn.projections), which saves the activation's own kernel and lets the next
+product's launch follow this one directly (its weights prefetch under PDL).
 """
 
 import torch
@@ -28,9 +32,26 @@ def _chunk(acc, w_rows, X, in_n, start, k, BLOCK_K: tl.constexpr, WAIT: tl.const
     return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
 
 
+# name -> the kernel's ACTIVATION code; the float32 formulas are in _activate
+ACTIVATIONS = {"": 0, "gelu_tanh": 1, "gelu": 2, "silu": 3, "relu": 4}
+
+
+@triton.jit
+def _activate(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # 0.5 * (1 + tanh(u)) is sigmoid(2u): no tanh needed
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    elif ACTIVATION == 2:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        y = y * tl.sigmoid(y)
+    elif ACTIVATION == 4:
+        y = tl.maximum(y, 0.0)
+    return y
+
+
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < n
     w_rows = W + rows[:, None].to(tl.int64) * stride_wn  # int64: a vocabulary projection passes 2**31 elements
@@ -46,6 +67,7 @@ def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K:
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(Bias + rows, mask=in_n, other=0.0).to(tl.float32)
+    y = _activate(y, ACTIVATION)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_n)
 
 
@@ -59,10 +81,13 @@ def gemv_config(n: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, activation: str = "") -> torch.Tensor:
     """x (..., K) holding one row, weight (N, K) with unit column stride, bias (N,) or None ->
-    (..., N) in x's dtype: the same product as ``F.linear(x, weight, bias)``. out may be passed
-    preallocated and contiguous (tests poison it)."""
+    (..., N) in x's dtype: the same product as ``F.linear(x, weight, bias)``, then the named
+    activation (a key of ACTIVATIONS; "gelu_tanh" is tanh-approximated GELU) before rounding.
+    out may be passed preallocated and contiguous (tests poison it)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
         check_tensor(name, t)
@@ -90,5 +115,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
                                              weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             HAS_BIAS=bias is not None, num_warps=warps, **pdl)
+                                             HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+                                             num_warps=warps, **pdl)
     return y

@@ -43,6 +43,23 @@ def test_greedy_matches_eager_generate_left_padded(backend, name, monkeypatch):
     assert len(calls) == 11 * ours.config.num_hidden_layers and all(c is not None for c in calls)
 
 
+def test_decode_steps_write_at_the_step_slot_not_the_layer_counter(backend, monkeypatch):
+    """transformers' StaticLayer bumps a device counter per layer and step, which compiled steps
+    paid for with a kernel per layer; the steps write at the decode context's slot instead, and
+    the counters stay at the prompt length."""
+    caches = []
+    static_cache = generation._static_cache
+    monkeypatch.setattr(generation, "_static_cache", lambda *a: caches.append(static_cache(*a)) or caches[-1])
+    ours, eager = _models("phi")
+    ids, mask = _prompts()
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, eager.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    counters = [getattr(layer, "cumulative_length", None) for layer in caches[0].layers]
+    if counters[0] is None:
+        pytest.skip("this transformers' StaticLayer keeps no fill counter")
+    assert [int(c) for c in counters] == [ids.shape[1]] * ours.config.num_hidden_layers
+
+
 def test_eos_stops_and_pads_like_generate(backend):
     ours, eager = _models("llama")
     ids, mask = _prompts()

@@ -38,6 +38,7 @@ class DecodeContext:
     seqlens_k: torch.Tensor  # cache slots filled per sequence, the new token included
     cache_leftpad: torch.Tensor  # slots before each sequence's first real token
     prefill: bool = False  # prefill of unpadded prompts into a fresh cache: attend to the first Sq slots
+    slot: torch.Tensor | None = None  # decode steps: (1,) int64, the cache slot the new token goes to
 
 
 def decode_context() -> DecodeContext | None:
@@ -84,14 +85,41 @@ def _check_model(model):
                          f"{model.config._attn_implementation!r}; call model.set_attn_implementation('tileattn')")
 
 
+_slot_layer = None
+
+
+def _slot_layer_class():
+    """transformers' StaticLayer, except that a decode step writes its token at the step's slot
+    (the decode context's) instead of at the layer's own fill counter. The counter is a device
+    scalar each layer bumps with ``add_`` per step; compiled, each bump became a copy-back kernel
+    at the end of the step (32 for Phi-2, about 50 us of a 4.3 ms step on an H100). The steps
+    never read the counter: the kernel takes each sequence's fill from the decode context, and
+    generate passes the positions. Made once, so compiled steps see one class."""
+    global _slot_layer
+    if _slot_layer is None:
+        from transformers.cache_utils import StaticLayer
+
+        class SlotLayer(StaticLayer):
+            def update(self, key_states, value_states, *args, **kwargs):
+                ctx = decode_context()
+                if ctx is None or ctx.slot is None or not self.is_initialized:
+                    return super().update(key_states, value_states, *args, **kwargs)
+                self.keys.index_copy_(2, ctx.slot, key_states)
+                self.values.index_copy_(2, ctx.slot, value_states)
+                return self.keys, self.values
+
+        _slot_layer = SlotLayer
+    return _slot_layer
+
+
 def _static_cache(model, max_cache_len: int):
     """A preallocated cache with one full-length static layer per decoder layer. Sliding-window
     layers get full-length slots too (transformers' sliding static layers are ring buffers,
     whose slot order the kernel can't read); the kernel applies their window instead."""
-    from transformers.cache_utils import Cache, StaticLayer
+    from transformers.cache_utils import Cache
 
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    return Cache(layers=[StaticLayer(max_cache_len=max_cache_len) for _ in range(layers)])
+    return Cache(layers=[_slot_layer_class()(max_cache_len=max_cache_len) for _ in range(layers)])
 
 
 def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -125,15 +153,18 @@ def _compiled_call(decode: bool = False):
     step (one token) are one graph each; the cache length is dynamic in both, so new lengths
     reuse them. The decode step's compile does not reorder for peak memory (a step's buffers
     are a few kilobytes): that pass would sink the parallel blocks' MLP forks to just before
-    their joins, leaving nothing to overlap (tileattn.overlap)."""
+    their joins, leaving nothing to overlap (tileattn.overlap). It does combine independent
+    small kernels into one launch (inductor's combo kernels): Phi-2's k and v cache writes
+    became one kernel per layer, its 16k step 4.39 -> 4.35 ms on an H100 (same tokens)."""
     if decode not in _compiled_calls:
         import torch._inductor.config
 
-        options = None
-        if decode and hasattr(torch._inductor.config, "reorder_for_peak_memory"):
-            options = {"reorder_for_peak_memory": False}
+        options = {}
+        if decode:  # options this torch has (both are inductor's names in torch 2.11-2.13)
+            wanted = {"reorder_for_peak_memory": False, "combo_kernels": True}
+            options = {k: v for k, v in wanted.items() if hasattr(torch._inductor.config, k)}
         _compiled_calls[decode] = torch.compile(_step_call if decode else _forward_call, dynamic=False,
-                                                options=options)
+                                                options=options or None)
     return _compiled_calls[decode]
 
 
@@ -226,7 +257,8 @@ class _Step:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.ctx = DecodeContext(torch.zeros(batch, dtype=torch.int32, device=device), leftpad)
+        self.ctx = DecodeContext(torch.zeros(batch, dtype=torch.int32, device=device), leftpad,
+                                 slot=self.cache_position)
         self.use_graph = use_graph
         self.graph = None
         self.logits = None

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 from tileattn.kernels.config import _GPU_CONFIGS, TALL_ROWS, head_blocks
 from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT
-from tileattn.kernels.gemv import gemv_config
+from tileattn.kernels.gemv import ACTIVATIONS, gemv_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 _FLOATS = {"qk_scale", "softmax_scale", "softcap", "dropout_p", "rescale"}
@@ -153,7 +153,12 @@ def cases():
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):
             yield f"gemv {block_n} rows x {block_k}{', PDL' if pdl else ''}", "gemv._gemv_kernel", (
-                None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, PDL=pdl), None
+                None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, ACTIVATION=0, PDL=pdl), None
+    block_n, block_k, warps = gemv_config(10240)  # an MLP's up product, every activation
+    for name, code in ACTIVATIONS.items():
+        if code:
+            yield f"gemv {block_n} rows x {block_k}, PDL, {name}", "gemv._gemv_kernel", (None, block_n, warps, 3), \
+                dict(BLOCK_K=block_k, HAS_BIAS=True, ACTIVATION=code, PDL=True), None
 
 
 def main() -> int:

@@ -225,6 +225,14 @@ def test_mlp_activation_moves_into_the_up_gemv_only_where_proven(monkeypatch):
         torch.testing.assert_close(m(two), m.fc2(m.activation_fn(m.fc1(two))), rtol=0, atol=0)
 
 
+def test_mlp_activation_judging_never_raises():
+    """Weights that are not on a device (meta, as offloading leaves them) cannot be probed: the
+    MLP stays as it is, and fuse() does not fail."""
+    mlp = _MLP(nn.GELU()).to("meta")
+    projections.fuse(mlp)
+    assert not hasattr(mlp.fc1, "_tileattn_activation")
+
+
 def test_mlp_activation_survives_a_whole_model_pickle(monkeypatch):
     """Unpickled, the wrapped forwards load as the classes' own; fuse wraps the activation again,
     so the up GEMV's activation is not applied a second time."""

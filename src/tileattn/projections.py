@@ -120,29 +120,26 @@ class _Activation:
 def _activation_kind(act: nn.Module, device: torch.device) -> str | None:
     """Which of the GEMV's activations the module computes, judged on a sweep of inputs (its
     class says too little: transformers has several tanh GELUs, hub kernels replace forwards)."""
-    t = torch.linspace(-8, 8, 2001, device=device, dtype=torch.float32)
-    try:
+    try:  # a module that is not an elementwise activation, or weights not on a device: not ours to fuse
+        t = torch.linspace(-8, 8, 2001, device=device, dtype=torch.float32)
         out = act(t)
-    except Exception:  # a module that is not an elementwise activation: not ours to fuse
+        return next((kind for kind, reference in ACTIVATIONS.items() if isinstance(out, torch.Tensor) and
+                     out.shape == t.shape and torch.allclose(out, reference(t), rtol=1e-5, atol=1e-5)), None)
+    except Exception:
         return None
-    for kind, reference in ACTIVATIONS.items():
-        if isinstance(out, torch.Tensor) and out.shape == t.shape and torch.allclose(out, reference(t), rtol=1e-5,
-                                                                                      atol=1e-5):
-            return kind
-    return None
 
 
 def _computes_down_act_up(mlp: nn.Module, up: nn.Linear, act: nn.Module, down: nn.Linear) -> bool:
     """Whether the MLP's class forward gives exactly down(act(up(x))) on a probe row (made
     without the random generator, whose state belongs to the caller)."""
-    x = torch.sin(torch.arange(up.in_features, device=up.weight.device, dtype=torch.float32) * 0.37)
-    x = x.to(up.weight.dtype).reshape(1, 1, -1)
-    try:
+    try:  # any failure (a forward wanting more arguments, offloaded weights) is a no
+        x = torch.sin(torch.arange(up.in_features, device=up.weight.device, dtype=torch.float32) * 0.37)
+        x = x.to(up.weight.dtype).reshape(1, 1, -1)
         got = type(mlp).forward(mlp, x)
+        want = F.linear(act(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+        return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got, want))
     except Exception:
         return False
-    want = F.linear(act(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
-    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
 
 
 _REFUSED = weakref.WeakKeyDictionary()  # up projection -> the activation module judged not fusable with it

@@ -92,9 +92,10 @@ def _slot_layer_class():
     """transformers' StaticLayer, except that a decode step writes its token at the step's slot
     (the decode context's) instead of at the layer's own fill counter. The counter is a device
     scalar each layer bumps with ``add_`` per step; compiled, each bump became a copy-back kernel
-    at the end of the step (32 for Phi-2, about 50 us of a 4.3 ms step on an H100). The steps
-    never read the counter: the kernel takes each sequence's fill from the decode context, and
-    generate passes the positions. Made once, so compiled steps see one class."""
+    at the end of the step (Phi-2: 32 kernels of 1.1-1.4 us, each with its gap, in a 4.3 ms step
+    on an H100). The steps never read the counter: the kernel takes each sequence's fill from
+    the decode context, and generate passes the positions. Made once, so compiled steps see one
+    class."""
     global _slot_layer
     if _slot_layer is None:
         from transformers.cache_utils import StaticLayer

@@ -319,7 +319,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     On CUDA the compiled prefill and the decode steps run each layer's q/k/v (and gate/up)
     projections as one matmul (tileattn.projections): the model's parameters become views of
-    one buffer per group, with the same names, values and Parameter objects. The decode steps
+    one buffer per group, with the same names, values and Parameter objects; batch-1 steps
+    multiply through a GEMV that also applies a GELU/SiLU/ReLU MLP's activation. The decode steps
     of parallel layers (attention and MLP reading one input, as in Phi) run the MLP on a second
     CUDA stream beside the attention (tileattn.overlap; in compiled steps only where the MLP's
     weights outweigh the KV cache the attention reads).

@@ -16,6 +16,7 @@ reads, and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -85,9 +86,7 @@ def _check_model(model):
                          f"{model.config._attn_implementation!r}; call model.set_attn_implementation('tileattn')")
 
 
-_slot_layer = None
-
-
+@functools.cache
 def _slot_layer_class():
     """transformers' StaticLayer, except that a decode step writes its token at the step's slot
     (the decode context's) instead of at the layer's own fill counter. The counter is a device
@@ -96,21 +95,18 @@ def _slot_layer_class():
     on an H100). The steps never read the counter: the kernel takes each sequence's fill from
     the decode context, and generate passes the positions. Made once, so compiled steps see one
     class."""
-    global _slot_layer
-    if _slot_layer is None:
-        from transformers.cache_utils import StaticLayer
+    from transformers.cache_utils import StaticLayer
 
-        class SlotLayer(StaticLayer):
-            def update(self, key_states, value_states, *args, **kwargs):
-                ctx = decode_context()
-                if ctx is None or ctx.slot is None or not self.is_initialized:
-                    return super().update(key_states, value_states, *args, **kwargs)
-                self.keys.index_copy_(2, ctx.slot, key_states)
-                self.values.index_copy_(2, ctx.slot, value_states)
-                return self.keys, self.values
+    class SlotLayer(StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            ctx = decode_context()
+            if ctx is None or ctx.slot is None or not self.is_initialized:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.keys.index_copy_(2, ctx.slot, key_states)
+            self.values.index_copy_(2, ctx.slot, value_states)
+            return self.keys, self.values
 
-        _slot_layer = SlotLayer
-    return _slot_layer
+    return SlotLayer
 
 
 def _static_cache(model, max_cache_len: int):
@@ -235,7 +231,7 @@ def _overlap_blocks(model, device, batch: int, capacity: int, compiled: bool) ->
 OVERLAP_DEVICES = ("cuda",)  # the CPU has one stream: nothing to overlap (tests add it)
 
 
-def _overlapping(model, device, compile: bool, batch: int, capacity: int, enabled: bool = True):
+def _overlapping(model, device, compile: bool, batch: int, capacity: int, enabled: bool):
     """Parallel blocks' MLPs on a second stream during decode steps, on the GPU, where a step's
     kernels leave bandwidth idle between them."""
     if not enabled or device.type not in OVERLAP_DEVICES:

@@ -145,6 +145,27 @@ def _computes_down_act_up(mlp: nn.Module, up: nn.Linear, act: nn.Module, down: n
 _REFUSED = weakref.WeakKeyDictionary()  # up projection -> the activation module judged not fusable with it
 
 
+def _holder(mlp: nn.Module, up: nn.Linear, act: nn.Module, down: nn.Linear) -> _Activation | None:
+    """The _Activation up shares with act, judging the pair once (fused() calls fuse() every
+    time); None where the MLP is not down(act(up(x))) with a known activation."""
+    holder = getattr(up, "_tileattn_activation", None)
+    if holder is not None:
+        if getattr(act, "_tileattn_activation", None) is holder:
+            return holder
+        del up._tileattn_activation  # the activation module was replaced: judge the new one
+    if hasattr(up, "_tileattn_group") or not _own_forward(act) or _REFUSED.get(up) is act:
+        return None
+    holder = getattr(act, "_tileattn_activation", None)
+    kind = holder.kind if holder else _activation_kind(act, up.weight.device)
+    if kind is None or not _computes_down_act_up(mlp, up, act, down):
+        _REFUSED[up] = act
+        return None
+    if holder is None:
+        holder = act._tileattn_activation = _Activation(kind)
+    up._tileattn_activation = holder
+    return holder
+
+
 def _tag_activations(model: nn.Module):
     """Give each MLP that computes down(act(up(x))) with a known activation its _Activation, and
     wrap the activation modules' forwards (again after unpickling: see wrap_forward)."""
@@ -152,24 +173,9 @@ def _tag_activations(model: nn.Module):
         for mlp in model.modules():
             for names in MLPS:
                 up, act, down = (getattr(mlp, n, None) for n in names)
-                if type(up) is not nn.Linear or type(down) is not nn.Linear or not isinstance(act, nn.Module):
-                    continue
-                holder = getattr(up, "_tileattn_activation", None)
-                if holder is not None and getattr(act, "_tileattn_activation", None) is not holder:
-                    del up._tileattn_activation  # the activation module was replaced: judge the new one
-                    holder = None
-                if holder is None:
-                    if hasattr(up, "_tileattn_group") or not _own_forward(act) or _REFUSED.get(up) is act:
-                        continue
-                    holder = getattr(act, "_tileattn_activation", None)
-                    kind = holder.kind if holder else _activation_kind(act, up.weight.device)
-                    if kind is None or not _computes_down_act_up(mlp, up, act, down):
-                        _REFUSED[up] = act  # judged once: fused() calls fuse() every time
-                        continue
-                    if holder is None:
-                        holder = act._tileattn_activation = _Activation(kind)
-                    up._tileattn_activation = holder
-                wrap_forward(act, _activation_forward)
+                if type(up) is nn.Linear and type(down) is nn.Linear and isinstance(act, nn.Module) and \
+                        _holder(mlp, up, act, down) is not None:
+                    wrap_forward(act, _activation_forward)
 
 
 def _fusable(modules) -> bool:

@@ -304,19 +304,24 @@ def phi2_config():
     )
 
 
+def phi2_model(device):
+    """The Phi-2 architecture with seeded random bf16 weights on device, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16).eval()
+
+
 def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, compile_step: bool = False,
                      attns=("tileattn", "sdpa", "eager"), overlap_ab: bool = False) -> list[tuple]:
     """Prefill and decode speed and peak memory: transformers' generate under each attention, and
     tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA, and
     with compile_step also through torch.compile). overlap_ab: each fast path also on one stream
     (generate(overlap=False)), right after it."""
-    import transformers
-
     from .generate import timed_fast_generate, timed_generate
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16).eval()
+    model = phi2_model(device)
     runs = [("tileattn-fast", "tileattn", dict(fast=True, cuda_graph=False))]
     if device.type == "cuda":
         runs.append(("tileattn-fast+graph", "tileattn", dict(fast=True, cuda_graph=True)))

@@ -86,14 +86,10 @@ def step_profile_bench(device, prompt_lengths, steps: int, log, compile: bool = 
     if device.type != "cuda":
         log("   skipped: a step profile reads CUDA kernels")
         return []
-    import transformers
-
     from ..generation import generate
-    from .bench import phi2_config
+    from .bench import phi2_model
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16).eval()
+    model = phi2_model(device)
     model.set_attn_implementation("tileattn")
     results = []
     for n in prompt_lengths:

@@ -60,15 +60,40 @@ def test_decode_steps_write_at_the_step_slot_not_the_layer_counter(backend, monk
     assert [int(c) for c in counters] == [ids.shape[1]] * ours.config.num_hidden_layers
 
 
-def test_eos_stops_and_pads_like_generate(backend):
+@pytest.mark.parametrize("rows", ["batch", "one_row"])
+@pytest.mark.parametrize("watched", [False, True], ids=["no_callback", "callback"])
+def test_eos_stops_and_pads_like_generate(backend, rows, watched):
+    """With a token callback the loop checks for eos after every token; without one only every
+    EOS_CHECK_EVERY tokens, and trims what it generated after the last sequence stopped."""
     ours, eager = _models("llama")
     ids, mask = _prompts()
+    if rows == "one_row":  # every sequence stops: the output ends at that token
+        ids, mask = ids[1:2], mask[1:2]
     free = eager.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    eos = int(free[1, 11 + 3])  # a token sequence 1 produces at its 4th step
+    eos = int(free[-1 if rows == "one_row" else 1, 11 + 3])  # a token sequence 1 produces at its 4th step
     kwargs = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
-    got = generate(ours, ids, **kwargs)
+    seen = []
+    got = generate(ours, ids, on_token=seen.append if watched else None, **kwargs)
     want = eager.generate(ids, do_sample=False, **kwargs)
     assert torch.equal(got, want)
+    if rows == "one_row":
+        assert want.shape[1] < 11 + 10
+    if watched:  # one callback per returned token, with that token
+        assert torch.equal(torch.stack(seen, 1), got[:, 11:])
+
+
+def test_greedy_steps_choose_their_tokens_on_the_device(backend, monkeypatch):
+    """A greedy step picks and records its next token itself (inside the CUDA graph on a GPU):
+    the host samples once, from the prefill's logits."""
+    calls = []
+    monkeypatch.setattr(generation, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))
+    ours, eager = _models("phi")
+    ids, mask = _prompts()
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=7)
+    assert torch.equal(got, eager.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0))
+    assert len(calls) == 1
+    generate(ours, ids, attention_mask=mask, max_new_tokens=7, do_sample=True, seed=0)
+    assert len(calls) == 1 + 7
 
 
 @pytest.mark.parametrize("backend", ["torch"], indirect=True)

@@ -135,9 +135,63 @@ def _forward_call(model, model_kwargs: dict, tokens, cache_position, position_id
     return out.logits[:, -1]
 
 
-def _step_call(model, model_kwargs: dict, tokens, cache_position, position_ids):
-    """The decode step's entry: its own code object, so its compile keeps its own options."""
-    return _forward_call(model, model_kwargs, tokens, cache_position, position_ids)
+class _State:
+    """The decode loop's device buffers: the step's input tokens and positions, every token
+    generated so far and which sequences have stopped. A step reads and advances them on the
+    device, so a greedy step chooses its own next token inside the CUDA graph: no argmax, copy
+    or fill kernels launched from the host between two replays (on an H100 those took about
+    40 us of a 4.3 ms Phi-2 step after a 16k prompt)."""
+
+    def __init__(self, batch: int, leftpad: torch.Tensor, prompt_len: int, max_new_tokens: int,
+                 eos: torch.Tensor, pad: int, greedy: bool):
+        device = leftpad.device
+        self.greedy = greedy
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        self.position_ids = (prompt_len - leftpad.long())[:, None]
+        self.ctx = DecodeContext(torch.full((batch,), prompt_len + 1, dtype=torch.int32, device=device), leftpad,
+                                 slot=self.cache_position)
+        self.generated = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = eos if eos.numel() else None
+        self.pad = torch.tensor(pad, dtype=torch.long, device=device)
+
+    def record(self, tokens: torch.Tensor):
+        """Take the chosen tokens (B,): stopped sequences get the pad token; the result is the
+        next step's input."""
+        tokens = torch.where(self.finished, self.pad, tokens)
+        self.generated.index_copy_(1, self.column, tokens[:, None])
+        self.column.add_(1)
+        if self.eos is not None:
+            self.finished |= torch.isin(tokens, self.eos)
+        self.tokens.copy_(tokens[:, None])
+
+    def advance(self):
+        """Move the step's input positions to the next cache slot."""
+        self.cache_position.add_(1)
+        self.position_ids.add_(1)
+        self.ctx.seqlens_k.add_(1)
+
+    def end(self, steps: int) -> int:
+        """Columns to return after ``steps`` tokens: up to the one where the last sequence
+        stopped, as a loop checking after every token would have ended."""
+        if self.eos is None or steps == 0:
+            return steps
+        hit = torch.isin(self.generated[:, :steps], self.eos)
+        if not bool(hit.any(1).all()):
+            return steps
+        return int(hit.int().argmax(1).max()) + 1
+
+
+def _step_call(model, model_kwargs: dict, state: _State):
+    """One decode step on the state's buffers: the logits (B, vocab) of the next token, chosen
+    and recorded here when greedy. Its own code object, so its compile keeps its own options."""
+    logits = _forward_call(model, model_kwargs, state.tokens, state.cache_position, state.position_ids)
+    state.advance()
+    if state.greedy:
+        state.record(logits.argmax(-1))
+    return logits
 
 
 _compiled_calls = {}
@@ -240,36 +294,28 @@ def _overlapping(model, device, compile: bool, batch: int, capacity: int, enable
 
 
 class _Step:
-    """One decode step on static buffers: eager or compiled (torch.compile fuses the model's
-    small elementwise kernels: rotary, activations, norms, residuals), run as is or captured once
-    in a CUDA graph and replayed."""
+    """One decode step on a _State's buffers: eager or compiled (torch.compile fuses the model's
+    small elementwise kernels: rotary, activations, norms, residuals, and the step's token choice
+    and position updates), run as is or captured once in a CUDA graph and replayed."""
 
-    def __init__(self, model, cache, batch: int, leftpad: torch.Tensor, use_graph: bool, compile: bool):
-        device = leftpad.device
-        self.model, self.model_kwargs = model, _model_kwargs(model, cache)
-        self.call = _forward_call
+    def __init__(self, model, cache, state: _State, use_graph: bool, compile: bool):
+        self.model, self.model_kwargs, self.state = model, _model_kwargs(model, cache), state
+        self.call = _step_call
         if compile:
             self.call = _compiled_call(decode=True)
             _mark_cache_dynamic(cache)
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.ctx = DecodeContext(torch.zeros(batch, dtype=torch.int32, device=device), leftpad,
-                                 slot=self.cache_position)
+            torch._dynamo.maybe_mark_dynamic(state.generated, 1)  # any max_new_tokens: one graph
         self.use_graph = use_graph
         self.graph = None
         self.logits = None
 
     def _forward(self):
-        with _decoding(self.ctx):
-            return self.call(self.model, self.model_kwargs, self.tokens, self.cache_position, self.position_ids)
+        with _decoding(self.state.ctx):
+            return self.call(self.model, self.model_kwargs, self.state)
 
-    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        """Logits (B, vocab) after writing tokens (B,) into cache slot ``slot``."""
-        self.tokens.copy_(tokens[:, None])
-        self.cache_position.fill_(slot)
-        self.position_ids.copy_((slot - self.ctx.cache_leftpad)[:, None])
-        self.ctx.seqlens_k.fill_(slot + 1)
+    def __call__(self) -> torch.Tensor:
+        """Logits (B, vocab) of the token after the state's input tokens, which move on to the
+        next slot (and, greedy, to the chosen tokens)."""
         if not self.use_graph:
             return self._forward()
         if self.graph is None and self.logits is not None:  # the first step ran eagerly (warm-up)
@@ -277,14 +323,17 @@ class _Step:
             # captured on a high-priority stream: torch instantiates graphs with per-node priorities,
             # so a parallel block's MLP on its default-priority side stream (tileattn.overlap) gets
             # the SMs the attention path leaves instead of delaying it
-            stream = torch.cuda.Stream(self.tokens.device, priority=CAPTURE_PRIORITY)
-            with torch.cuda.graph(self.graph, stream=stream):
+            stream = torch.cuda.Stream(self.state.tokens.device, priority=CAPTURE_PRIORITY)
+            with torch.cuda.graph(self.graph, stream=stream):  # recorded, not run: the replay below runs it
                 self.logits = self._forward()
         if self.graph is None:
             self.logits = self._forward()
             return self.logits
         self.graph.replay()
         return self.logits
+
+
+EOS_CHECK_EVERY = 16  # tokens between host reads of "all stopped" when nobody watches each token
 
 
 @torch.inference_mode()
@@ -365,20 +414,24 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         out = model(attention_mask=attention_mask, input_ids=input_ids, position_ids=positions,
                     cache_position=cache_position, **_model_kwargs(model, cache))
         logits = out.logits[:, -1]
+    greedy = not do_sample
+    state = _State(batch, leftpad, prompt_len, max_new_tokens, eos, pad, greedy)
+    state.record(sample(logits, do_sample, temperature, top_k, top_p, generator))
+    # without a callback the host reads "all stopped" only now and then, not after every token,
+    # so it queues the next steps without waiting for the GPU; state.end trims the extra columns
+    check_every = 1 if on_token is not None else EOS_CHECK_EVERY
     with _fusing(model, device), _overlapping(model, device, compile, batch, capacity, overlap):
-        step = _Step(model, cache, batch, leftpad, cuda_graph, compile)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        new_tokens = []
-        for t in range(max_new_tokens):
-            tokens = sample(logits, do_sample, temperature, top_k, top_p, generator)
-            tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
-            new_tokens.append(tokens)
+        step = _Step(model, cache, state, cuda_graph, compile)
+        done = 1
+        while True:
             if on_token is not None:
-                on_token(tokens)
-            if eos.numel():
-                finished |= torch.isin(tokens, eos)
-                if bool(finished.all()):
-                    break
-            if t + 1 < max_new_tokens:
-                logits = step(tokens, prompt_len + t)
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+                on_token(state.generated[:, done - 1])
+            if done == max_new_tokens:
+                break
+            if state.eos is not None and done % check_every == 0 and bool(state.finished.all()):
+                break
+            logits = step()
+            if not greedy:
+                state.record(sample(logits, do_sample, temperature, top_k, top_p, generator))
+            done += 1
+    return torch.cat([input_ids, state.generated[:, :state.end(done)]], dim=1)

@@ -252,3 +252,45 @@ def test_mlp_activation_survives_a_whole_model_pickle(monkeypatch):
     loaded.activation_fn = nn.ReLU()  # replaced after fusing: judged again
     _assert_mlp_matches_fp64(loaded, torch.randn(1, 1, 48, device=DEVICE, dtype=torch.bfloat16), F.relu)
     assert loaded.fc1._tileattn_activation.kind == "relu"
+
+
+def test_parallel_layers_read_qkv_and_the_mlp_up_projection_in_one_gemv(monkeypatch):
+    """A layer whose attention and MLP read one input (Phi; found by tileattn.overlap's probe) gets
+    its fc1 joined to the q/k/v group: one GEMV, GELU on fc1's rows only. With the MLP forked to
+    the side stream (tileattn.overlap), fc1 is its own product and q/k/v one without it."""
+    from tileattn import overlap
+
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    model = _model("phi").to(DEVICE, torch.bfloat16)
+    ids = torch.randint(1, 96, (1, 1), device=DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.double()
+        with overlap.probing(model) as blocks:
+            model(input_ids=ids)
+    layers, hidden, inner = model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size
+    assert len(blocks) == layers
+    calls = []
+    real = projections.gemv
+    monkeypatch.setattr(projections, "gemv", lambda *a: calls.append((a[1].shape[0],) + a[3:]) or real(*a))
+    with torch.no_grad(), projections.fused(model):
+        got = model(input_ids=ids).logits
+    layer = model.model.layers[0]
+    group = layer.self_attn.q_proj._tileattn_group[0]
+    assert group.modules == [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.fc1]
+    assert layer.mlp.fc1.weight.data_ptr() == group.weight[3 * hidden:].data_ptr()
+    assert calls == [(3 * hidden + inner, "gelu_tanh", 3 * hidden), (hidden,), (hidden,)] * layers + [(96,)]
+    assert (got.double() - want).abs().max() <= 0.05 * want.abs().max()
+
+    calls.clear()
+    with torch.no_grad(), projections.fused(model), overlap.overlapped(blocks):
+        forked = model(input_ids=ids).logits
+    # the fork runs the whole MLP first (in place off CUDA), then the attention's products
+    assert calls == [(inner, "gelu_tanh", 0), (hidden,), (3 * hidden,), (hidden,)] * layers + [(96,)]
+    assert torch.equal(forked, got)  # every product under one GEMV config: the same sums per row
+    calls.clear()
+    with torch.no_grad(), projections.fused(model):  # two rows: cuBLAS, fc1 apart from q/k/v
+        two = model(input_ids=torch.cat([ids, ids], 1)).logits
+    assert calls == []
+    with torch.no_grad():
+        unfused = model(input_ids=torch.cat([ids, ids], 1)).logits
+    torch.testing.assert_close(two, unfused, rtol=0, atol=0)

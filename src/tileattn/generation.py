@@ -382,8 +382,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     leftpad = _left_padding(attention_mask)
-    if compile:  # probe before anything is traced: the probe installs the parallel blocks' forwards
-        _facts(model, device)
+    # probe before anything is traced or fused: the probe installs the parallel blocks' forwards,
+    # and fusion joins their MLPs' up projections to the attentions' q/k/v products
+    _facts(model, device)
     # capacity in whole 256-slot steps: the kernels see one stride pattern (Triton compiles a
     # variant per divisibility of its integer arguments: a first call at prompt + new = 2304 after
     # one at 2051 spent 1.7 s compiling inside its first decode step, H200)

@@ -238,24 +238,26 @@ def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_tabl
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "") -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
+         activation_from: int = 0) -> torch.Tensor:
     """The tileattn::gemv op (one-row ``F.linear`` as a Triton GEMV, then an optional
-    activation: see tileattn.kernels.gemv), called directly where nothing needs the dispatcher.
-    Inference only: it has no backward."""
+    activation on the outputs from ``activation_from`` on: see tileattn.kernels.gemv), called
+    directly where nothing needs the dispatcher. Inference only: it has no backward."""
     if _direct(x, weight, bias):
-        return _gemv(x, weight, bias, activation)
-    return gemv_op(x, weight, bias, activation)
+        return _gemv(x, weight, bias, activation, activation_from)
+    return gemv_op(x, weight, bias, activation, activation_from)
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "") -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
+          activation_from: int = 0) -> torch.Tensor:
     from .kernels.gemv import gemv as kernel  # triton only where a GEMV runs
 
-    return kernel(x, weight, bias, activation=activation)
+    return kernel(x, weight, bias, activation=activation, activation_from=activation_from)
 
 
 gemv_op = torch.library.custom_op("tileattn::gemv", _gemv, mutates_args=())
 
 
 @gemv_op.register_fake
-def _(x, weight, bias, activation=""):
+def _(x, weight, bias, activation="", activation_from=0):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))

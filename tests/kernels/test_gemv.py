@@ -21,11 +21,15 @@ def _inputs(n, k, dtype, bias):
     return x, w, b
 
 
-def _check(x, w, b, dtype, activation=""):
+def _check(x, w, b, dtype, activation="", activation_from=0):
     out = torch.full(x.shape[:-1] + (w.shape[0],), float("nan"), device=DEVICE, dtype=dtype)
-    got = gemv(x, w, b, out=out, activation=activation)
+    got = gemv(x, w, b, out=out, activation=activation, activation_from=activation_from)
     assert got is out and got.shape == x.shape[:-1] + (w.shape[0],)
-    act = TORCH_ACTIVATIONS.get(activation, lambda t: t)
+    some = TORCH_ACTIVATIONS.get(activation, lambda t: t)
+
+    def act(t):  # the activation on outputs activation_from.. only
+        return torch.cat([t[..., :activation_from], some(t[..., activation_from:])], -1)
+
     ref = act(torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()))
     # torch's own product (and activation) in the same precision is the yardstick, plus one unit
     # in the last place of the largest output: the error is mostly the output's rounding, and
@@ -49,6 +53,16 @@ def test_activation_on_the_float32_sums(activation, dtype):
     x, w, b = _inputs(300, 1100, dtype, True)
     x *= 3  # outputs over [-6, 6]: every activation's curved part and both tails
     _check(x, w, b, dtype, activation)
+
+
+@pytest.mark.parametrize("n,start", [(300, 120), (4099, 3000), (300, 0), (300, 300)],
+                         ids=["mid", "wide-config", "all", "none"])
+def test_activation_from_a_row_on(n, start):
+    """One product for q/k/v and a parallel MLP's up projection: only the MLP's rows activated
+    (a start inside a program's rows at N = 300; on a chunk boundary past 4096)."""
+    x, w, b = _inputs(n, 700, torch.bfloat16, True)
+    x *= 3
+    _check(x, w, b, torch.bfloat16, "gelu_tanh", start)
 
 
 def test_activations_match_the_torch_formulas():
@@ -91,5 +105,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"activation must be one of \['', 'gelu', 'gelu_tanh', 'relu', 'silu'\], "
                                          r"got 'tanh'"):
         gemv(x, w, b, activation="tanh")
+    with pytest.raises(ValueError, match=r"activation_from must be in \[0, 8\] \(weight's rows\), got 9"):
+        gemv(x, w, b, activation="relu", activation_from=9)
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         gemv([1.0] * 32, w, b)

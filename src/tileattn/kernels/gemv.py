@@ -8,7 +8,9 @@ SM's loads in flight. The products accumulate in float32; the result has the inp
 
 An activation can be applied to the float32 sums before they are stored (an MLP's first
 product: tileattn.projections), which saves the activation's own kernel and lets the next
-product's launch follow this one directly (its weights prefetch under PDL).
+product's launch follow this one directly (its weights prefetch under PDL); to the rows from
+``activation_from`` on only, where one product serves an attention's q/k/v and a parallel
+MLP's up projection together.
 """
 
 import torch
@@ -50,7 +52,7 @@ def _activate(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, act_from, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < n
@@ -67,7 +69,8 @@ def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K:
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(Bias + rows, mask=in_n, other=0.0).to(tl.float32)
-    y = _activate(y, ACTIVATION)
+    if ACTIVATION != 0:
+        y = tl.where(rows >= act_from, _activate(y, ACTIVATION), y)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_n)
 
 
@@ -81,13 +84,16 @@ def gemv_config(n: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, activation: str = "") -> torch.Tensor:
+         out: torch.Tensor | None = None, activation: str = "", activation_from: int = 0) -> torch.Tensor:
     """x (..., K) holding one row, weight (N, K) with unit column stride, bias (N,) or None ->
     (..., N) in x's dtype: the same product as ``F.linear(x, weight, bias)``, then the named
-    activation (a key of ACTIVATIONS; "gelu_tanh" is tanh-approximated GELU) before rounding.
-    out may be passed preallocated and contiguous (tests poison it)."""
+    activation (a key of ACTIVATIONS; "gelu_tanh" is tanh-approximated GELU) on outputs
+    ``activation_from`` to N - 1, before rounding. out may be passed preallocated and contiguous
+    (tests poison it)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if not 0 <= activation_from <= weight.shape[0]:
+        raise ValueError(f"activation_from must be in [0, {weight.shape[0]}] (weight's rows), got {activation_from}")
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
         check_tensor(name, t)
@@ -114,7 +120,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps = gemv_config(n)
     pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
-                                             weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+                                             weight.stride(0), activation_from, BLOCK_N=block_n, BLOCK_K=block_k,
                                              HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
                                              num_warps=warps, **pdl)
     return y

@@ -23,7 +23,9 @@ GPT-J's and GPT-NeoX's names too) with a GELU, SiLU or ReLU gets its activation 
 product's GEMV: the up projection returns the activated row and the activation module, handed
 that very tensor, returns it as is. ``fuse`` makes sure before it tags an MLP: its forward must
 give bit for bit what down(act(up(x))) gives on a probe row, and the activation module must
-match one of the kernel's formulas on a sweep of inputs.
+match one of the kernel's formulas on a sweep of inputs. In a parallel layer (Phi's: attention
+and MLP read one input, found by tileattn.overlap's probe) such an up projection joins the
+attention's q/k/v group, so one GEMV reads all four matrices and activates the MLP's rows only.
 
 On an H100, reading each matrix from memory as a decode step does, Phi-2's q/k/v, dense, fc1
 and fc2 products took 16.6, 8.0, 21.0 and 23.6 us with cuBLAS and 15.6, 6.7, 19.6 and 19.6 us

@@ -187,3 +187,15 @@ def test_compiled_prefill_and_decode_give_the_same_tokens_without_recompiling(na
     if DEVICE == "cuda":
         graphed = generate(ours, ids, attention_mask=mask, max_new_tokens=12, compile=True, cuda_graph=True)
         assert torch.equal(graphed, want)
+
+
+@pytest.mark.parametrize("vocab", [1, 1024, 1025, 51200, 3000])
+def test_greedy_choice_is_argmax_first_maximum_included(vocab):
+    logits = torch.randn(4, vocab).round()  # many ties
+    logits[1] = 2.0  # all equal: index 0
+    if vocab > 2000:
+        logits[2, 1500] = logits[2, 2999] = 99.0  # ties across chunks: the first
+        logits[3, 2100] = float("nan")  # a NaN wins, as in torch.argmax
+    assert torch.equal(generation.greedy_choice(logits), logits.argmax(-1))
+    if vocab > 2000:
+        assert generation.greedy_choice(logits)[2:].tolist() == [1500, 2100]

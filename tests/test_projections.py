@@ -1,5 +1,8 @@
 """tileattn.projections: q/k/v and gate/up as one matmul, same model otherwise."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,3 +315,8 @@ def test_fuse_again_is_cheap_until_the_modules_change(monkeypatch):
     del mlp.activation_fn.forward  # an instance forward gone: wrapped again
     projections.fuse(model)
     assert len(walks) == 3 and "forward" in mlp.activation_fn.__dict__
+    # what fuse remembers keeps no model alive
+    gone = weakref.ref(model)
+    del model, mlp
+    gc.collect()
+    assert gone() is None

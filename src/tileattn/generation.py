@@ -368,7 +368,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         input_ids: (B, prompt) prompts, left-padded when their lengths differ.
         attention_mask: (B, prompt) 1 for tokens, 0 for left padding; None = no padding.
         eos_token_id: a sequence that produces one of these stops; later positions get
-            pad_token_id (default: the first eos id). Generation ends when all have stopped.
+            pad_token_id (default: the first eos id). Generation ends when all have stopped
+            (the host looks every 16 tokens when there is no on_token, and returns the same).
         do_sample, temperature, top_k, top_p, seed: sampling (greedy by default); seed makes
             draws reproducible.
         cuda_graph: capture one decode step in a CUDA graph and replay it per token (CUDA
@@ -379,7 +380,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             reuse it). Combines with cuda_graph, which then captures the compiled step.
         overlap: on CUDA, run parallel layers' MLPs (Phi, GPT-J, Cohere, Falcon) on a second
             stream beside their attention in decode steps (below); False keeps one stream.
-        on_token: optional callback receiving each step's tokens (B,) as they are chosen.
+        on_token: optional callback receiving each step's tokens (B,) as they are chosen (a
+            view of the output; greedy steps choose them on the device).
 
     On CUDA the compiled prefill and the decode steps run each layer's q/k/v (and gate/up)
     projections as one matmul (tileattn.projections): the model's parameters become views of

@@ -60,7 +60,7 @@ _ACTIVE = ScopedValue("tileattn_fused_projections")
 class _Group:
     """One parent's sibling projections: the concatenated weight and bias, each member's rows,
     and the product of the latest input until every member has taken its slice. A group joined
-    to a parallel layer's MLP (``join``) has the MLP's up projection as its last member, with
+    to a parallel layer's MLP (``_join_parallel``) has the MLP's up projection as its last member, with
     the MLP's activation applied to its rows inside the GEMV."""
 
     def __init__(self, modules: list[nn.Linear], block=None):
@@ -296,13 +296,32 @@ def _join_parallel(model: nn.Module):
         wrap_forward(up, _fused_forward)
 
 
-_FUSED = weakref.WeakKeyDictionary()  # model -> (its _layout after fuse, the group count)
+_FUSED = weakref.WeakKeyDictionary()  # model -> (weak references to its _layout after fuse, the group count)
+_NEVER, _ABSENT = object(), object()
 
 
-def _layout(model: nn.Module) -> tuple:
+def _layout(model: nn.Module) -> list:
     """Which modules the model holds and which instance forwards they run: what fuse's outcome
     depends on besides the parameters (which ``fused`` checks itself)."""
-    return tuple((id(m), id(m.__dict__.get("forward"))) for m in model.modules())
+    return [(m, m.__dict__.get("forward")) for m in model.modules()]
+
+
+def _weak(obj):
+    """A weak reference to obj (None as _ABSENT: a dead reference reads None); for an object that
+    takes none, one that never matches (so fuse walks again): a strong one could keep the model
+    alive from _FUSED."""
+    if obj is None:
+        return lambda: _ABSENT
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: _NEVER
+
+
+def _unchanged(model: nn.Module, saved: list) -> bool:
+    now = _layout(model)  # compared by identity through live references: ids of freed modules get reused
+    return len(now) == len(saved) and all(rm() is m and rf() is (_ABSENT if f is None else f)
+                                          for (rm, rf), (m, f) in zip(saved, now))
 
 
 def fuse(model: nn.Module) -> int:
@@ -313,7 +332,7 @@ def fuse(model: nn.Module) -> int:
     again is a no-op, and cheap while the model holds the same modules and forwards (walking
     a 32-layer model for every name took ~25 ms, twice per generate call)."""
     done = _FUSED.get(model)
-    if done is not None and done[0] == _layout(model):
+    if done is not None and _unchanged(model, done[0]):
         return done[1]
     count = 0
     for parent in model.modules():
@@ -333,7 +352,7 @@ def fuse(model: nn.Module) -> int:
             wrap_forward(m, _single_forward)
     _tag_activations(model)
     _join_parallel(model)
-    _FUSED[model] = (_layout(model), count)
+    _FUSED[model] = ([(_weak(m), _weak(f)) for m, f in _layout(model)], count)
     return count
 
 

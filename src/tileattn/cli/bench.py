@@ -319,16 +319,17 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, co
     tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA, and
     with compile_step also through torch.compile). overlap_ab: each fast path also on one stream
     (generate(overlap=False)), right after it."""
-    from .generate import timed_fast_generate, timed_generate
+    from .generate import fast_label, timed_fast_generate, timed_generate
 
     model = phi2_model(device)
-    runs = [("tileattn-fast", "tileattn", dict(fast=True, cuda_graph=False))]
+    fast = [dict(cuda_graph=False)]
     if device.type == "cuda":
-        runs.append(("tileattn-fast+graph", "tileattn", dict(fast=True, cuda_graph=True)))
+        fast.append(dict(cuda_graph=True))
         if compile_step:
-            runs.append(("tileattn-fast+graph+compile", "tileattn", dict(fast=True, cuda_graph=True, compile=True)))
+            fast.append(dict(cuda_graph=True, compile=True))
     if overlap_ab:
-        runs = [twin for run in runs for twin in (run, (f"{run[0]} one stream", run[1], dict(run[2], overlap=False)))]
+        fast = [twin for options in fast for twin in (options, dict(options, overlap=False))]
+    runs = [(fast_label(**options), "tileattn", dict(options, fast=True)) for options in fast]
     runs += [(attn, attn, dict(fast=False)) for attn in attns]
 
     def run(ids, tokens, fast=False, cuda_graph=False, compile=False, overlap=True):

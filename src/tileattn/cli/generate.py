@@ -205,6 +205,12 @@ def _result(attn: str, input_ids, new: list[int], start: float, times: list[floa
     )
 
 
+def fast_label(cuda_graph: bool = False, compile: bool = False, overlap: bool = True) -> str:
+    """What a fast-generation run is called in results and tables."""
+    label = "tileattn-fast" + ("+graph" if cuda_graph else "") + ("+compile" if compile else "")
+    return label if overlap else label + " one stream"
+
+
 def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token_id=None, pad_token_id=None,
                         tokenizer=None, stream: bool = False, cuda_graph: bool = False,
                         compile: bool = False, overlap: bool = True) -> Result:
@@ -243,10 +249,7 @@ def timed_fast_generate(model, input_ids, max_new_tokens: int, device, eos_token
     if eos_token_id is not None:  # as generate returns them: up to and including the first eos
         eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         new = new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
-    label = "tileattn-fast" + ("+graph" if cuda_graph else "") + ("+compile" if compile else "")
-    if not overlap:
-        label += " one stream"
-    return _result(label, input_ids, new, start, times, device, tokenizer)
+    return _result(fast_label(cuda_graph, compile, overlap), input_ids, new, start, times, device, tokenizer)
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, device, stream: bool, fast: bool = False,

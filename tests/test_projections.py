@@ -274,7 +274,11 @@ def test_parallel_layers_read_qkv_and_the_mlp_up_projection_in_one_gemv(monkeypa
     assert len(blocks) == layers
     calls = []
     real = projections.gemv
-    monkeypatch.setattr(projections, "gemv", lambda *a: calls.append((a[1].shape[0],) + a[3:]) or real(*a))
+    def recording(x, weight, bias, activation="", activation_from=0):  # (rows,) or (rows, activation, from)
+        calls.append((weight.shape[0],) + ((activation, activation_from) if activation else ()))
+        return real(x, weight, bias, activation, activation_from)
+
+    monkeypatch.setattr(projections, "gemv", recording)
     with torch.no_grad(), projections.fused(model):
         got = model(input_ids=ids).logits
     layer = model.model.layers[0]

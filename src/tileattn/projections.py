@@ -98,21 +98,14 @@ class _Group:
                     return False
         return True
 
-    def _rows(self, lo: int, hi: int, x: torch.Tensor) -> torch.Tensor:
-        """x times rows lo:hi of the weight; a joined MLP's rows activated where the GEMV runs
-        (the activation module then passes the result through)."""
-        weight, bias = self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi]
-        if self.block is None or hi <= self.bounds[-1][0] or not _gemv_fits(x, weight):
-            return linear(x, weight, bias)
-        holder = self.modules[-1]._tileattn_activation
-        return gemv(x, weight, bias, holder.kind, max(self.bounds[-1][0] - lo, 0))
-
-    def _activated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The joined MLP's rows: handed to its activation module, which passes them through,
-        where the GEMV applied the activation."""
-        if _gemv_fits(x, self.weight):
-            self.modules[-1]._tileattn_activation.pending = out
-        return out
+    def _product(self, x: torch.Tensor, members: int) -> torch.Tensor:
+        """x times the first ``members`` members' rows; with a joined MLP among them (always a
+        GEMV: see forward), its activation applied to its rows."""
+        if members < len(self.modules) or self.block is None:
+            hi = self.bounds[members - 1][1]
+            return linear(x, self.weight[:hi], None if self.bias is None else self.bias[:hi])
+        kind = self.modules[-1]._tileattn_activation.kind
+        return gemv(x, self.weight, self.bias, kind, self.bounds[-1][0])
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         last = len(self.modules) - 1
@@ -122,15 +115,14 @@ class _Group:
         # MLP's activations alive through the attention)
         detached = joined and (self.block.active or not _gemv_fits(x, self.weight))
         if joined and index == last and (detached or self.input is not x or self.remaining == 0):
-            return self._activated(self._rows(*self.bounds[last], x), x)  # alone; the attention's state kept
+            return _product_of(self.modules[last], x)  # alone, as unjoined; the attention's state kept
         if self.input is not x or self.remaining == 0:
-            members = last if detached else len(self.modules)
-            self.input, self.remaining = x, members
-            self.output = self._rows(0, self.bounds[members - 1][1], x)
+            self.input, self.remaining = x, last if detached else len(self.modules)
+            self.output = self._product(x, self.remaining)
         lo, hi = self.bounds[index]
         out = self.output[..., lo:hi]
-        if joined and index == last:
-            out = self._activated(out, x)
+        if joined and index == last:  # activated by the GEMV: the activation module passes it through
+            self.modules[last]._tileattn_activation.pending = out
         self.remaining -= 1
         if self.remaining == 0:  # every member served: drop the references
             self.input = self.output = None
@@ -240,14 +232,21 @@ def _fused_forward(self, x):
     return F.linear(x, self.weight, self.bias)
 
 
+def _product_of(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """m's product inside ``fused``: ``linear``, or for an MLP's up projection tagged with an
+    _Activation, where the GEMV runs, the GEMV with the activation, handed to the activation
+    module (which then passes it through)."""
+    holder = getattr(m, "_tileattn_activation", None)
+    if holder is None or not _gemv_fits(x, m.weight):
+        return linear(x, m.weight, m.bias)
+    holder.pending = gemv(x, m.weight, m.bias, holder.kind)
+    return holder.pending
+
+
 def _single_forward(self, x):
     if not _ACTIVE.get():
         return F.linear(x, self.weight, self.bias)
-    holder = getattr(self, "_tileattn_activation", None)
-    if holder is not None and _gemv_fits(x, self.weight):
-        holder.pending = gemv(x, self.weight, self.bias, holder.kind)
-        return holder.pending
-    return linear(x, self.weight, self.bias)
+    return _product_of(self, x)
 
 
 def _activation_forward(self, x, *args, **kwargs):

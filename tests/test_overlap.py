@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +33,60 @@ def test_probe_finds_the_layers_whose_attention_and_mlp_share_their_input(name, 
     assert len(blocks) == (layers if parallel else 0)
     for block in blocks:
         assert block.features == model.config.hidden_size and block.dtype == model.dtype
+        assert block.summed == (block.attention.dense, block.mlp.fc2)  # Phi adds them to the residual
     assert _probe(model) == blocks  # the same blocks again: not wrapped twice
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+
+    def forward(self, hidden_states):
+        return self.dense(hidden_states * 2), None
+
+
+class _MLP(nn.Module):
+    def __init__(self, shift: float):
+        super().__init__()
+        self.fc2, self.shift = nn.Linear(8, 8), shift
+
+    def forward(self, x):
+        out = self.fc2(torch.relu(x))
+        return out + self.shift if self.shift else out
+
+
+class _Layer(nn.Module):
+    """A parallel layer: attention and MLP on one input; how it combines them is the variant."""
+
+    def __init__(self, combine: str):
+        super().__init__()
+        self.self_attn, self.mlp, self.combine = _Attention(), _MLP(1.0 if combine == "shifted mlp" else 0.0), combine
+
+    def forward(self, x):
+        if self.combine == "mlp first":
+            m = self.mlp(x)
+            return self.self_attn(x)[0] + m + x
+        a = self.self_attn(x)[0]
+        m = self.mlp(x)
+        if self.combine == "scaled mlp":
+            return a + 0.5 * m + x
+        if self.combine == "float32 sum":
+            return (a.float() + m.float() + x.float()).to(x.dtype)
+        return x + a + m
+
+
+@pytest.mark.parametrize("combine,summed", [("sum", True), ("float32 sum", True), ("scaled mlp", False),
+                                            ("shifted mlp", False), ("mlp first", False)])
+def test_probe_tells_which_layers_add_their_output_and_down_projections(combine, summed):
+    """Block.summed (tileattn.projections makes the two products one) only where the layer's output
+    is its input plus the attention's and the MLP's, each straight from an nn.Linear, and the
+    attention returns before the MLP starts."""
+    layer = _Layer(combine).to(torch.bfloat16)
+    with torch.no_grad(), overlap.probing(layer) as blocks:
+        layer(torch.randn(1, 1, 8, dtype=torch.bfloat16))
+    assert len(blocks) == 1
+    assert blocks[0].summed == ((layer.self_attn.dense, layer.mlp.fc2) if summed else None)
 
 
 def test_installed_blocks_are_inert_outside_the_scope_and_fall_back_for_other_inputs(monkeypatch):

@@ -15,12 +15,15 @@ attention path leaves (at equal priority the 16k step was about 3% slower still,
 different).
 
 ``probing`` spots such layers from one probe forward (the MLP called with the very tensor the
-attention got, and returning a tensor); inside ``overlapped(blocks)`` each such attention
-module first launches its MLP on the side stream (``tileattn::mlp_fork``), and the MLP call
-then waits for it (``tileattn::mlp_join``, which also takes the attention's output and the
-shared input: data dependencies that keep torch.compile from moving the wait before the
-attention or freeing the input the side stream still reads). Off CUDA the fork runs the MLP in
-place, so the CPU takes the same path (tests) with the same arithmetic.
+attention got, and returning a tensor), and for each also whether the layer adds the attention's
+and the MLP's outputs to its input, each the output of one of their ``nn.Linear``s
+(``Block.summed``: tileattn.projections then computes both products as one). Inside
+``overlapped(blocks)`` each such attention module first launches its MLP on the side stream
+(``tileattn::mlp_fork``), and the MLP call then waits for it (``tileattn::mlp_join``, which
+also takes the attention's output and the shared input: data dependencies that keep
+torch.compile from moving the wait before the attention or freeing the input the side stream
+still reads). Off CUDA the fork runs the MLP in place, so the CPU takes the same path (tests)
+with the same arithmetic.
 
 Memory: the side stream allocates the MLP's intermediates and output from its own pool; the
 output is freed on the main stream after the join, and the side stream's next allocation comes
@@ -53,6 +56,7 @@ class Block:
         self.features, self.dtype = features, dtype
         self.weight_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
         self.key = _register(self)
+        self.summed = None  # (attention's output projection, MLP's down projection) the layer adds: see probing
         self.done = None  # CUDA event the side stream records after the MLP
         self.active = False  # fork the MLP (inside ``overlapped``)
         self.compiled = False  # run the MLP through torch.compile (set by ``overlapped``)
@@ -90,47 +94,76 @@ def _register(block: Block) -> int:
     return key
 
 
-def _pairs(model: nn.Module):
+def _triples(model: nn.Module):
     for layer in model.modules():
         attention = next((getattr(layer, n) for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module)),
                          None)
         mlp = next((getattr(layer, n) for n in MLP_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
         if attention is not None and mlp is not None:
-            yield attention, mlp
+            yield layer, attention, mlp
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _summed(seen: dict, layer: nn.Module, attention: nn.Module, mlp: nn.Module):
+    """(attention's output projection, MLP's down projection) where the probe showed the layer's
+    output to be its input plus the attention's and the MLP's outputs, bit for bit in one of the
+    orders models add them, each output coming straight from one ``nn.Linear`` child, and the
+    attention returning before the MLP starts; else None."""
+    x, out = seen.get((id(layer), "in")), _first(seen.get((id(layer), "out")))
+    a, m = _first(seen.get((id(attention), "out"))), seen.get((id(mlp), "out"))
+    if not all(isinstance(t, torch.Tensor) for t in (x, out, a, m)) or not x.shape == out.shape == a.shape == m.shape:
+        return None
+    if not seen[(id(attention), "done")] < seen[(id(mlp), "start")] or not (a.ne(0).any() and m.ne(0).any()):
+        return None
+    sums = ((a + m) + x, (a + x) + m, (m + x) + a, (a.float() + m.float() + x.float()).to(x.dtype))
+    if not any(torch.equal(out, s) for s in sums):
+        return None
+    out_proj = next((c for c in attention.children() if type(c) is nn.Linear and seen.get((id(c), "out")) is a), None)
+    down = next((c for c in mlp.children() if type(c) is nn.Linear and seen.get((id(c), "out")) is m), None)
+    return None if out_proj is None or down is None else (out_proj, down)
 
 
 @contextlib.contextmanager
 def probing(model: nn.Module):
     """Watch one forward of the model inside this block; the yielded list then holds a Block
     (installed) for each layer whose attention and MLP got the same input tensor, the one it
-    already has if an earlier probe (of this model or the one it was copied from) made it."""
+    already has if an earlier probe (of this model or the one it was copied from) made it, with
+    ``summed`` set from this forward."""
     seen, handles, blocks = {}, [], []
+    calls = iter(range(1 << 62))
 
     def remember(key):
         def hook(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
             seen.setdefault(key, x)
+            seen.setdefault((key[0], "start"), next(calls))
         return hook
 
     def output(module, args, kwargs, out):
         seen.setdefault((id(module), "out"), out)
+        seen.setdefault((id(module), "done"), next(calls))
 
-    pairs = list(_pairs(model))
-    for attention, mlp in pairs:
-        handles.append(attention.register_forward_pre_hook(remember((id(attention), "in")), with_kwargs=True))
-        handles.append(mlp.register_forward_pre_hook(remember((id(mlp), "in")), with_kwargs=True))
-        handles.append(mlp.register_forward_hook(output, with_kwargs=True))
+    triples = list(_triples(model))
+    for layer, attention, mlp in triples:
+        linears = [c for parent in (attention, mlp) for c in parent.children() if type(c) is nn.Linear]
+        for module in (layer, attention, mlp, *linears):
+            handles.append(module.register_forward_pre_hook(remember((id(module), "in")), with_kwargs=True))
+            handles.append(module.register_forward_hook(output, with_kwargs=True))
     try:
         yield blocks
     finally:
         for h in handles:
             h.remove()
-    for attention, mlp in pairs:
+    for layer, attention, mlp in triples:
         x, out = seen.get((id(attention), "in")), seen.get((id(mlp), "out"))
         if isinstance(x, torch.Tensor) and x is seen.get((id(mlp), "in")) and isinstance(out, torch.Tensor):
             block = getattr(mlp, "_tileattn_block", None)
             if block is None or block.attention is not attention or block.mlp is not mlp:
                 block = Block(attention, mlp, out.shape[-1], out.dtype)
+            block.summed = _summed(seen, layer, attention, mlp)
             block.install()
             blocks.append(block)
 

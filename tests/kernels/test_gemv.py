@@ -65,6 +65,33 @@ def test_activation_from_a_row_on(n, start):
     _check(x, w, b, torch.bfloat16, "gelu_tanh", start)
 
 
+# (N, K, K2, dtype, which biases): a K2 past one chunk, the config for N > 4096, each bias alone
+SECOND = [(300, 700, 37, "bf16", "both"), (2, 1024, 1100, "fp16", "first"), (4099, 300, 64, "bf16", "second"),
+          (37, 64, 300, "fp16", "none")]
+
+
+@pytest.mark.parametrize("n,k,k2,dtype,bias", SECOND, ids=[f"N{n}-K{k}-K2{k2}-{d}-bias_{b}" for n, k, k2, d, b in
+                                                             SECOND])
+def test_second_operand_sums_into_the_same_rows(n, k, k2, dtype, bias):
+    """y = W x + W2 x2 + b + b2 (a parallel layer's output projection and MLP down projection):
+    against the fp64 product of the operands concatenated along K, which is the same sum."""
+    dtype = DTYPES[dtype]
+    x, w, b = _inputs(n, k, dtype, bias in ("both", "first"))
+    x2, w2, b2 = _inputs(n, k2, dtype, bias in ("both", "second"))
+    w2 = torch.randn(n, k2 + 8, device=DEVICE, dtype=dtype)[:, 8:] / k2 ** 0.5  # a row stride of its own
+    out = torch.full(x.shape[:-1] + (n,), float("nan"), device=DEVICE, dtype=dtype)
+    got = gemv(x, w, b, out=out, x2=x2, weight2=w2, bias2=b2)
+    assert got is out
+    whole_x, whole_w = torch.cat([x, x2], -1), torch.cat([w, w2], 1)
+    biases = [t for t in (b, b2) if t is not None]
+    whole_b = sum(biases) if biases else None
+    ref = torch.nn.functional.linear(whole_x.double(), whole_w.double(),
+                                     sum(t.double() for t in biases) if biases else None)
+    torch_err = (torch.nn.functional.linear(whole_x, whole_w, whole_b).double() - ref).abs().max().item()
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 2 * torch_err + ulp
+
+
 def test_activations_match_the_torch_formulas():
     assert set(ACTIVATIONS) == set(TORCH_ACTIVATIONS) | {""}
 
@@ -98,6 +125,17 @@ def test_bad_inputs_name_the_argument():
         gemv(x, w, b[:4])
     with pytest.raises(TypeError, match=r"weight must have x's dtype \(torch.bfloat16\), got torch.float16"):
         gemv(x, w.half(), b)
+    x2, w2, b2 = _inputs(8, 16, torch.bfloat16, True)
+    with pytest.raises(ValueError, match="x2 and weight2 come together"):
+        gemv(x, w, b, x2=x2)
+    with pytest.raises(ValueError, match="bias2 needs x2 and weight2"):
+        gemv(x, w, b, bias2=b2)
+    with pytest.raises(ValueError, match=r"weight2 must be 2-D \(8, K\)"):
+        gemv(x, w, b, x2=x2, weight2=w2[:4])
+    with pytest.raises(ValueError, match="x2 must hold one row of 16 elements"):
+        gemv(x, w, b, x2=x, weight2=w2)
+    with pytest.raises(TypeError, match="bias2 must have x's dtype"):
+        gemv(x, w, b, x2=x2, weight2=w2, bias2=b2.half())
     with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int64"):
         gemv(x.long(), w.long(), None)
     with pytest.raises(ValueError, match="out must be"):

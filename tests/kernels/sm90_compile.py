@@ -153,12 +153,17 @@ def cases():
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):
             yield f"gemv {block_n} rows x {block_k}{', PDL' if pdl else ''}", "gemv._gemv_kernel", (
-                None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, ACTIVATION=0, PDL=pdl), None
+                None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=False, HAS_BIAS2=False,
+                                               ACTIVATION=0, PDL=pdl), None
+        # a parallel layer's output and down projections summed (N = 2560 in Phi-2)
+        yield f"gemv {block_n} rows x {block_k}, PDL, second operand", "gemv._gemv_kernel", (
+            None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=True, HAS_BIAS2=True,
+                                           ACTIVATION=0, PDL=True), None
     block_n, block_k, warps = gemv_config(10240)  # an MLP's up product, every activation
     for name, code in ACTIVATIONS.items():
         if code:
             yield f"gemv {block_n} rows x {block_k}, PDL, {name}", "gemv._gemv_kernel", (None, block_n, warps, 3), \
-                dict(BLOCK_K=block_k, HAS_BIAS=True, ACTIVATION=code, PDL=True), None
+                dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=False, HAS_BIAS2=False, ACTIVATION=code, PDL=True), None
 
 
 def main() -> int:

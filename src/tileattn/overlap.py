@@ -116,7 +116,8 @@ def _summed(seen: dict, layer: nn.Module, attention: nn.Module, mlp: nn.Module):
     a, m = _first(seen.get((id(attention), "out"))), seen.get((id(mlp), "out"))
     if not all(isinstance(t, torch.Tensor) for t in (x, out, a, m)) or not x.shape == out.shape == a.shape == m.shape:
         return None
-    if not seen[(id(attention), "done")] < seen[(id(mlp), "start")] or not (a.ne(0).any() and m.ne(0).any()):
+    attention_first = seen.get((id(attention), "done"), float("inf")) < seen.get((id(mlp), "start"), -1)
+    if not attention_first or not (a.ne(0).any() and m.ne(0).any()):
         return None
     sums = ((a + m) + x, (a + x) + m, (m + x) + a, (a.float() + m.float() + x.float()).to(x.dtype))
     if not any(torch.equal(out, s) for s in sums):

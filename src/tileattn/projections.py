@@ -137,8 +137,10 @@ class _Sum:
     layer adds to its input (tileattn.overlap's probe saw it do so, the attention first). For
     one row on the GEMV the output projection keeps its input and returns zeros, and the down
     projection returns both products from one GEMV over the two matrices: Phi-2's 2560 x 2560
-    output projection alone read ~2.0 TB/s on an H100, its 2560 x 10240 fc2 2.7. Where the MLP
-    runs on the side stream (tileattn.overlap) it comes first: each is its own product there."""
+    output projection alone read ~2.0 TB/s on an H100, its 2560 x 10240 fc2 2.7 (a 16k step's
+    window 4246 -> 4201 us in one profile; steady steps moved less than their spread). Where
+    the MLP runs on the side stream (tileattn.overlap) it comes first: each is its own product
+    there."""
 
     def __init__(self, block, out_proj: nn.Linear, down: nn.Linear):
         self.block, self.out_proj, self.down = block, out_proj, down

@@ -77,7 +77,7 @@ def test_second_operand_sums_into_the_same_rows(n, k, k2, dtype, bias):
     against the fp64 product of the operands concatenated along K, which is the same sum."""
     dtype = DTYPES[dtype]
     x, w, b = _inputs(n, k, dtype, bias in ("both", "first"))
-    x2, w2, b2 = _inputs(n, k2, dtype, bias in ("both", "second"))
+    x2, _, b2 = _inputs(n, k2, dtype, bias in ("both", "second"))
     w2 = torch.randn(n, k2 + 8, device=DEVICE, dtype=dtype)[:, 8:] / k2 ** 0.5  # a row stride of its own
     out = torch.full(x.shape[:-1] + (n,), float("nan"), device=DEVICE, dtype=dtype)
     got = gemv(x, w, b, out=out, x2=x2, weight2=w2, bias2=b2)

@@ -14,8 +14,9 @@ MLP's up projection together.
 
 A second operand (``x2``, ``weight2``, ``bias2``) adds its product into the same float32 sums,
 y = W x + W2 x2 + b + b2, for a parallel layer whose attention output projection and MLP down
-projection the layer adds anyway: one launch and one tail instead of two, and Phi-2's 2560 x
-2560 output projection alone read at ~2.0 TB/s on an H100 where its 2560 x 10240 fc2 read 2.7.
+projection the layer adds anyway: one launch and one tail instead of two. Phi-2's 2560 x 2560
+output projection alone read at ~2.0 TB/s on an H100 where its 2560 x 10240 fc2 read 2.7; a
+16k decode step's GEMVs went from 97 launches and 1939.5 us to 65 and 1878.1 (profile, one call).
 """
 
 import torch

@@ -242,7 +242,7 @@ def _attention_forward(self, *args, **kwargs):
     x = kwargs.get("hidden_states", args[0] if args else None)
     block.input, block.output = x, mlp_fork(x, block.key)
     result = block.attention_forward(*args, **kwargs)
-    block.after = result[0] if isinstance(result, tuple) else result
+    block.after = _first(result)
     return result
 
 

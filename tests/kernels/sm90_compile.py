@@ -149,21 +149,23 @@ def cases():
         tall.pop("DROPOUT")
         yield f"decode paged d128 tall tiles, {'TMA' if tma else 'pointers'}, PDL", "decode._decode_kernel", \
             _GPU_CONFIGS["decode_tall"][128][0], tall, None
+
+    def gemv_flags(block_k, activation=0, pdl=True, second=False):  # every constexpr the kernel takes
+        return dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=second, HAS_BIAS2=second, ACTIVATION=activation, PDL=pdl)
+
     for n in (2560, 10240):  # both of gemv_config's choices
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):
             yield f"gemv {block_n} rows x {block_k}{', PDL' if pdl else ''}", "gemv._gemv_kernel", (
-                None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=False, HAS_BIAS2=False,
-                                               ACTIVATION=0, PDL=pdl), None
-        # a parallel layer's output and down projections summed (N = 2560 in Phi-2)
+                None, block_n, warps, 3), gemv_flags(block_k, pdl=pdl), None
+        # a parallel layer's output and down projections summed (N = 2560 in Phi-2), both configs
         yield f"gemv {block_n} rows x {block_k}, PDL, second operand", "gemv._gemv_kernel", (
-            None, block_n, warps, 3), dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=True, HAS_BIAS2=True,
-                                           ACTIVATION=0, PDL=True), None
+            None, block_n, warps, 3), gemv_flags(block_k, second=True), None
     block_n, block_k, warps = gemv_config(10240)  # an MLP's up product, every activation
     for name, code in ACTIVATIONS.items():
         if code:
             yield f"gemv {block_n} rows x {block_k}, PDL, {name}", "gemv._gemv_kernel", (None, block_n, warps, 3), \
-                dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=False, HAS_BIAS2=False, ACTIVATION=code, PDL=True), None
+                gemv_flags(block_k, activation=code), None
 
 
 def main() -> int:

@@ -337,9 +337,9 @@ def tuned_splits(key, heuristic: int, time_splits) -> int:
     """The fastest of the heuristic split count, half, twice and four times it, timed per key by
     time_splits(num_splits) -> ms and remembered: each candidate's best of two rounds, the
     rounds one after the other, so that a burst of other work on the GPU during one timing does
-    not pick the count for the rest of the process. (With one round, a process that tuned
-    while another process's prefill shared an H200 kept a count that made its Phi-2 16k steps
-    4.63 ms instead of 3.08-3.28.)
+    not pick the count for the rest of the process. (A process that tuned while another
+    process's prefill shared an H200 ran its Phi-2 16k steps at 4.63 ms instead of 3.08-3.28;
+    whether its split count or its tile shape was the bad pick was not recorded.)
 
     The heuristic cannot see what the measurements show: on an H100, batch 1 x 16k keys, 32 heads
     of dim 80, its 4 splits read 2.25 TB/s from transformers' (batch, heads, seqlen, dim) cache

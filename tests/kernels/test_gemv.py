@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tileattn.kernels import gemv as gemv_module
 from tileattn.kernels.gemv import ACTIVATIONS, gemv, gemv_config
 from tileattn.projections import ACTIVATIONS as TORCH_ACTIVATIONS
 
@@ -12,6 +13,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (N, K): one element; N odd; K past one chunk and not a multiple of it
 SHAPES = [(1, 1), (37, 300), (300, 37), (8, 1024), (9, 4100)]
 WIDE_N = (4099, 300)  # the config for N > 4096: N not a multiple of its rows, a ragged last chunk
+
+
+@pytest.fixture(autouse=True)
+def _gpu_configs(monkeypatch):
+    """These shapes are chosen for the GPU's configs (ragged against their rows and chunks):
+    launch those under the interpreter too, not its wide one."""
+    monkeypatch.setattr(gemv_module, "launch_config", gemv_config)
 
 
 def _inputs(n, k, dtype, bias):

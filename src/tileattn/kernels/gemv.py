@@ -96,6 +96,17 @@ def gemv_config(n: int) -> tuple[int, int, int]:
     return (2, 1024, 4) if n <= 4096 else (8, 256, 4)
 
 
+INTERPRETER_CONFIG = (32, 256, 4)
+
+
+def launch_config(n: int) -> tuple[int, int, int]:
+    """gemv_config on the GPU. The CPU interpreter runs programs one after another in Python, so
+    there a few wide programs: a 2-layer test model's decode forward took 45 s through the GPU
+    configs (hundreds of 2-row programs per product) and 8 s with 32 rows a program.
+    tests/kernels/test_gemv.py runs the GPU configs under the interpreter."""
+    return INTERPRETER_CONFIG if interpreting() else gemv_config(n)
+
+
 def _check_operand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, names: tuple[str, str, str],
                    dtype: torch.dtype, device: torch.device, n: int | None = None):
     """One (x, weight, bias) operand: x one row of weight's K columns, weight (N, K) with unit
@@ -154,7 +165,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x = x.reshape(k).contiguous()
     x2 = x2.reshape(-1).contiguous() if second else x
     weight2 = weight2 if second else weight
-    block_n, block_k, warps = gemv_config(n)
+    block_n, block_k, warps = launch_config(n)
     pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
                                              weight.stride(0), activation_from, x2, weight2,

@@ -101,8 +101,8 @@ INTERPRETER_CONFIG = (32, 256, 4)
 
 def launch_config(n: int) -> tuple[int, int, int]:
     """gemv_config on the GPU. The CPU interpreter runs programs one after another in Python, so
-    there a few wide programs: a 2-layer test model's decode forward took 45 s through the GPU
-    configs (hundreds of 2-row programs per product) and 8 s with 32 rows a program.
+    there a few wide programs: one projections test on a 2-layer model took 45 s through the GPU
+    configs (hundreds of 2-row programs per product), 8 s with 32 rows a program.
     tests/kernels/test_gemv.py runs the GPU configs under the interpreter."""
     return INTERPRETER_CONFIG if interpreting() else gemv_config(n)
 

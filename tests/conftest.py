@@ -7,7 +7,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the workers share the cores, one thread each
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the workers split the cores between them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402

@@ -128,3 +128,57 @@ def test_causal_half_precision_alibi_takes_the_per_key_form(launch_flags):
     lens = torch.full((1,), 20, dtype=torch.int32, device=DEVICE)
     kernels.decode(q[:, -1:].half(), k.half(), v.half(), lens, 0.25, True, alibi_slopes=slopes)
     assert [f["ALIBI"] for f in flags] == [1]
+
+
+# name: (dtype, softcap, softmax_scale, sign of the scores, variants)
+BOUNDED = {
+    # Gemma 2's cap; scores near -cap: p = 2**-107 below a shift of the cap (72 in base 2) would
+    # flush to 0 (2**-131); the shift 120 - c keeps them normal
+    "bf16-cap50-scores-near-minus-cap": (torch.bfloat16, 50.0, 1.2, -1, {}),
+    "bf16-cap50-scores-near-cap": (torch.bfloat16, 50.0, 1.2, 1, {}),
+    "bf16-cap30-mixed-sink-window-empty-rows": (torch.bfloat16, 30.0, 0.5, 0,
+                                                dict(window_size=(0, 0), learnable_sink=True)),
+    "fp32-cap5-mixed": (torch.float32, 5.0, None, 0, {}),
+}
+
+
+@pytest.mark.parametrize("name", BOUNDED, ids=list(BOUNDED))
+def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, name):
+    """A softcap (up to 50, no ALiBi) bounds the scores, so bf16 and fp32 forwards (and decode,
+    test_decode's tall-tile test) shift them by one constant instead of a running max (BOUNDED).
+    Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 0),
+    Sq > Sk) against the oracle within the 2x-PyTorch rule, outputs poisoned."""
+    from tileattn import flash_attn_func
+    from tileattn.testing import check_attention
+
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    dtype, cap, scale, sign, variants = BOUNDED[name]
+    variants = dict(variants)
+    q, k, v = make_qkv(2, 70, 45, 4, 2, 80, dtype=dtype)  # split head dim, GQA, Sq > Sk
+    if sign:  # every q.k of one sign, about -0.64 * 80 * sign
+        q, k = q.abs(), k.abs() * sign
+    if variants.pop("learnable_sink", False):
+        variants["learnable_sink"] = torch.randn(4, device=DEVICE) * 2
+    checks = check_attention(flash_attn_func, q, k, v, causal=False, softmax_scale=scale, softcap=cap, **variants)
+    failed = [str(c) for c in checks if not c.ok]
+    assert not failed, failed
+    assert flags and all(f["BOUNDED"] for f in flags)
+
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    lse = torch.full((2, 4, 70), float("nan"), device=DEVICE)
+    kernels.forward(q, k, v, scale or 80**-0.5, False, out=out, lse=lse, softcap=cap, **variants)
+    assert not out.isnan().any() and not lse.isnan().any()
+
+
+def test_softcap_keeps_the_running_max_where_the_bound_does_not_serve(launch_flags):
+    """fp16 probabilities have no exponent range for a fixed shift, ALiBi's bias no lower
+    bound, and caps above 50 would put p past 2**24: those keep the running max."""
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    slopes = torch.full((2,), 0.25, device=DEVICE)
+    for dtype, cap, alibi in ((torch.float16, 30.0, None), (torch.bfloat16, 30.0, slopes),
+                              (torch.bfloat16, 50.5, None)):
+        flags.clear()
+        q, k, v = make_qkv(1, 20, 20, 2, 1, 16, dtype=dtype)
+        kernels.forward(q, k, v, 0.25, True, softcap=cap, alibi_slopes=alibi)
+        assert [f["BOUNDED"] for f in flags] == [False], (dtype, cap, alibi is not None)

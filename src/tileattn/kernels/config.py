@@ -70,8 +70,8 @@ _INTERPRETER_CONFIG = {"fwd": (64, 32), "bwd_dkdv": (32, 64), "bwd_dq": (64, 32)
 # what a tuned config is chosen per (names a kernel lacks are skipped); DROPOUT: its Philox work
 # takes registers the plain kernel's pick did not plan for; SINK and VARLEN keep the choices
 # apart that the key's scan of every tensor's dtype used to separate (sinks, cu_seqlens)
-_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "ALIBI", "SINK", "DROPOUT", "VARLEN", "BLOCK_D", "BLOCK_D2",
-        "SPLIT_D", "DOT_PRECISION"]
+_KEY = ["SEQ_BUCKET", "CAUSAL", "WINDOW", "SOFTCAP", "BOUNDED", "ALIBI", "SINK", "DROPOUT", "VARLEN", "BLOCK_D",
+        "BLOCK_D2", "SPLIT_D", "DOT_PRECISION"]
 _EXTRA_KEY = {"fwd": ["TMA"], "decode": ["BLOCK_M", "PAGED", "TMA", "num_splits"]}
 
 

@@ -90,7 +90,7 @@ def _decode_tile(
     KDesc, VDesc, kb, hk,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
     PAGED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     cols = start_n + offs_n  # counted from the sequence's first key (leftpad)
     if TMA:  # the tile's rows lie in one page (the launcher's condition), read as one block
@@ -114,7 +114,7 @@ def _decode_tile(
                                  stride_vd, MASKED, EVEN_D, SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, start_n, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
-                       0, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION)
+                       0, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION, BOUNDED)
 
 
 @triton.jit
@@ -129,8 +129,9 @@ def _decode_kernel(
     seqlen_q, heads_kv, group, head_dim, page_size, num_splits, qk_scale, softcap, window_left, window_right,
     SEQ_BUCKET,  # autotune key only
     KDesc, VDesc,  # with TMA: host-made descriptors over the whole caches (keyword arguments), else None
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
-    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BOUNDED: tl.constexpr, ALIBI: tl.constexpr,
+    SINK: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -203,21 +204,21 @@ def _decode_kernel(
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
                                            WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
-                                           DOT_PRECISION)
+                                           DOT_PRECISION, BOUNDED)
     for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
                                            WINDOW, SOFTCAP, ALIBI, False, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
-                                           DOT_PRECISION)
+                                           DOT_PRECISION, BOUNDED)
     for start_n in range(tl.maximum(tl.maximum(full_lo, full_hi), split_lo), split_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _decode_tile(acc, acc2, l_i, m_i, q, q2, K, V, BlockTableRow, start_n, offs_n, offs_d,
                                            offs_d2, mask_d, mask_d2, q_idx, k_lo, seqlen_q, seqlen_k, page_size,
                                            stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, qk_scale,
                                            softcap, slope, window_left, window_right, KDesc, VDesc, kb32, hk32, CAUSAL,
                                            WINDOW, SOFTCAP, ALIBI, True, PAGED, EVEN_D, SPLIT_D, WIDE, TMA,
-                                           DOT_PRECISION)
+                                           DOT_PRECISION, BOUNDED)
 
     if PDL:  # the merge may start launching; it waits for this grid to finish before reading
         gdc_launch_dependents()
@@ -437,7 +438,8 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
         block_table.stride(0) if paged else 0, alibi_batch_stride(alibi_slopes),
         seqlen_q, heads_kv, group, head_dim, page_size, num_splits, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), seqlen_bucket(seqlen_q, capacity),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q), SINK=learnable_sink is not None, PAGED=paged,
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q, bounded=True),
+        SINK=learnable_sink is not None, PAGED=paged,
         HAS_BATCH_IDX=cache_batch_idx is not None and not paged, HAS_LEFTPAD=cache_leftpad is not None,
         VARLEN=varlen, **blocks, **_cache_descs(block_m, blocks, k_cache, v_cache, page_size, paged, cache_leftpad),
         WIDE=wide, DOT_PRECISION=precision, BLOCK_M=block_m, **pdl,

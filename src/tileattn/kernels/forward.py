@@ -32,7 +32,7 @@ def _fwd_tile(
     window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     """Load one K/V tile (k_src... are TMA descriptors with TMA: with TMA == 2 over the whole
     tensors, read at batch b and K/V head hk; base pointers without) and fold it in."""
@@ -57,7 +57,7 @@ def _fwd_tile(
                                  SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, start_n, cols, seqlen_q, seqlen_k, qk_scale,
                        softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
-                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION)
+                       CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION, BOUNDED)
 
 
 # a fresh random seed per call must not compile a new variant (Triton specializes ints)
@@ -73,8 +73,8 @@ def _fwd_kernel(
     seed, philox_offset, dropout_p, rescale,
     SEQ_BUCKET,  # autotune key only
     KDesc, VDesc,  # with TMA == 2: host-made descriptors (keyword arguments), else None
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr,
-    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BOUNDED: tl.constexpr, ALIBI: tl.constexpr,
+    SINK: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     SPLIT_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -131,21 +131,21 @@ def _fwd_kernel(
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
-                                        DOT_PRECISION)
+                                        DOT_PRECISION, BOUNDED)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE,
-                                        DOT_PRECISION)
+                                        DOT_PRECISION, BOUNDED)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
                                         window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
-                                        DOT_PRECISION)
+                                        DOT_PRECISION, BOUNDED)
 
     if ALIBI == 2:  # back to the true scores' max (-inf stays -inf), so the LSE and a sink see them
         m_i = m_i - alibi_row_shift(slope, offs_m, start_m)
@@ -240,7 +240,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True),
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True, bounded=True),
         SINK=learnable_sink is not None, DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks,
         **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks, k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
@@ -288,7 +288,11 @@ def variant_args(causal: bool, window_size, softcap: float) -> tuple:
     return float(softcap) if softcap else 1.0, left, right
 
 
-def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, per_key_alibi: bool = False) -> dict:
+BOUNDED_MAX_CAP = 50.0  # tile.bounded_shift: probabilities up to 2**24.3 at this cap
+
+
+def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, per_key_alibi: bool = False,
+                  bounded: bool = False) -> dict:
     """Constexpr switches. SOFTCAP 2 (tanh.approx, one instruction instead of ~15) for fp16/bf16
     on NVIDIA GPUs, 1 (exact) for fp32 and elsewhere. ALIBI 2 (causal fp16/bf16, per_key_alibi:
     the forward kernel): the bias as one vector over each tile's keys plus a per-row constant the
@@ -297,12 +301,21 @@ def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, pe
     (twice fp32 attention's own error in test_variants), far below what fp16/bf16 probabilities
     round away. The backward keeps it too: in its dK/dV kernel the per-key form took the spills
     from 912 to 1032 bytes (sm_90a, d128) and the ALiBi backward from 3.63-3.86 to 4.20-4.36 ms
-    (H100, 2 x 8k x 16 x 128 causal); the decode kernel's rows are heads with slopes of their own."""
+    (H100, 2 x 8k x 16 x 128 causal); the decode kernel's rows are heads with slopes of their own.
+
+    bounded (kernels with an online softmax: the forward, decode) adds BOUNDED, on for a softcap
+    up to BOUNDED_MAX_CAP without ALiBi in bf16 or fp32: capped scores never pass the cap, so one
+    fixed shift replaces the running max (tile.bounded_shift). fp16 probabilities lack the
+    exponent range (2**-24 is their smallest), and ALiBi's bias has no lower bound."""
     half = q.dtype != torch.float32
     approx = q.is_cuda and torch.version.hip is None and half
     alibi = 0 if alibi_slopes is None else 2 if causal and half and per_key_alibi else 1
-    return dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
-                SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi)
+    flags = dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
+                 SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi)
+    if bounded:
+        flags["BOUNDED"] = (0 < softcap <= BOUNDED_MAX_CAP and alibi_slopes is None
+                            and q.dtype in (torch.bfloat16, torch.float32))
+    return flags
 
 
 def dropout_args(dropout) -> tuple:

@@ -187,28 +187,51 @@ def dropout_keep(seed, offset, bh, rows, first_col, dropout_p, rescale, BLOCK_N:
 
 @triton.jit
 def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, keep, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                        SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr = False):
     """Fold one tile of base-2 scores s * c [M, N] (c > 0, see score_tile's FOLD) and values v
     [N, D] (and v2 [N, D2], the head dim's second part, with SPLIT_D) into (m, l, acc, acc2).
     With DROPOUT, keep [M, N] (0 or 1 / (1 - p)) scales the probabilities that reach acc; the
-    sum l (and so the LSE) stays that of the undropped softmax."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    if MASKED:
-        # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    sum l (and so the LSE) stays that of the undropped softmax.
+
+    BOUNDED (softcap without ALiBi, |s| <= 1: see bounded_shift) shifts every score by one
+    constant instead of the running max: no row max, no rescale of l and acc per tile."""
+    if BOUNDED:
+        m_new = tl.maximum(m_i, bounded_shift(c))  # -inf (no tile yet) -> the shift; a constant after
+        p = tl.math.exp2(s * c - m_new[:, None])  # masked scores are -inf: p = 0, no -inf - -inf
+        l_i = l_i + tl.sum(p, 1)
     else:
-        m_new_safe = m_new
-    p = tl.math.exp2(s * c - m_new_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_new_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        if MASKED:
+            # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s * c - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if SPLIT_D:
+            acc2 = acc2 * alpha[:, None]
     if DROPOUT:
         p = p * keep
     p = cast(p, v.dtype, DOT_PRECISION)
     acc = mma(p, v, acc, DOT_PRECISION)
     if SPLIT_D:
-        acc2 = mma(p, v2, acc2 * alpha[:, None], DOT_PRECISION)
+        acc2 = mma(p, v2, acc2, DOT_PRECISION)
     return m_new, l_i, acc, acc2
+
+
+BOUNDED_SPAN = tl.constexpr(120.0)  # base 2: the most a shifted score may lie below the shift
+
+
+@triton.jit
+def bounded_shift(c):
+    """The fixed base-2 shift of BOUNDED scores s * c with |s| <= 1 (a softcap's tanh, c the cap
+    in base 2): min(c, 120 - c). Every p = exp2(s * c - shift) then lies in [2**-min(2c, 120),
+    2**max(0, 2c - 120)]: never a subnormal (exp2 flushes them), and at most 2**24.3 for the
+    largest cap the launchers allow (50, Gemma 2's), so fp32 sums of a million keys stay exact
+    enough and finite. Only bf16 and fp32 probabilities have the exponent range for it."""
+    return tl.minimum(c, BOUNDED_SPAN - c)
 
 
 @triton.jit
@@ -284,7 +307,7 @@ def attend_tile(
     acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, first_col, cols, seqlen_q, seqlen_k,
     qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     """The forward step shared by the dense/varlen and the KV-cache kernels: score K^T [D, N]
     against q [M, D] and fold the tile with V [N, D] into the running softmax. cols are the
@@ -292,7 +315,8 @@ def attend_tile(
     key/query. With SPLIT_D the head dim comes in two parts (q, kt, v, acc and q2, kt2, v2, acc2:
     64 + 16 columns for head dim 80), so no tensor-core work goes to padding; without it the *2
     arguments are ignored. With ALIBI 2, alibi_ref is score_tile's reference row: the running
-    max then carries alibi_row_shift, which the caller subtracts after the last tile."""
+    max then carries alibi_row_shift, which the caller subtracts after the last tile. BOUNDED:
+    see online_softmax_fold."""
     qk = mma(q, kt, None, DOT_PRECISION)
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
@@ -307,7 +331,8 @@ def attend_tile(
     keep = 1.0
     if DROPOUT:
         keep = dropout_keep(seed, offset, bh, q_idx, first_col, dropout_p, rescale, cols.shape[0])
-    return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION)
+    return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, keep, MASKED, DROPOUT, SPLIT_D, DOT_PRECISION,
+                               BOUNDED)
 
 
 @triton.jit

@@ -99,14 +99,17 @@ def compile_case(kernel: str, config: tuple, flags: dict, specialized: dict | No
 
 
 def _variants(**kw) -> dict:
-    base = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, ALIBI=False, DROPOUT=False, VARLEN=False, WIDE=False,
-                DOT_PRECISION="tf32")
+    base = dict(CAUSAL=True, WINDOW=False, SOFTCAP=0, BOUNDED=False, ALIBI=False, DROPOUT=False, VARLEN=False,
+                WIDE=False, DOT_PRECISION="tf32")
     return base | kw
 
 
 def _bwd(**kw) -> dict:
-    """A backward kernel's switches, launched as the sm_90 launcher launches it (a PDL chain)."""
-    return _variants(PDL=True, **kw)
+    """A backward kernel's switches, launched as the sm_90 launcher launches it (a PDL chain);
+    it recomputes probabilities from the LSE, so no BOUNDED."""
+    flags = _variants(PDL=True, **kw)
+    flags.pop("BOUNDED")
+    return flags
 
 
 def cases():
@@ -119,6 +122,8 @@ def cases():
         CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
     yield "fwd d128 causal softcap TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
         SOFTCAP=2, SINK=False, TMA=2, **d128), None
+    yield "fwd d128 causal softcap bounded TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
+        SOFTCAP=2, BOUNDED=True, SINK=False, TMA=2, **d128), None
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
     yield "fwd d128 causal alibi (per-key form) TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(

@@ -219,3 +219,36 @@ def test_tall_tiles_only_where_they_fill_a_wave():
     assert decode_module._block_rows(1024, 8, 256, bf16) == 64
     assert decode_module._block_rows(4, 8, 128, bf16) == 16
     assert decode_module._block_rows(40, 8, 128, bf16) == 64
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_bounded_softcap_splits_and_sinks(launch_flags, splits):
+    """bf16 with a softcap of 50 shifts scores by a constant instead of a running max (BOUNDED,
+    see test_forward's bounded tests); each split's partial (max, sum) then carries the shift,
+    which the merge and the sink (split 0 only) must see like any max. Every q.k negative so the
+    capped scores sit near -50, where a shift of the cap itself would leave p subnormal (about
+    2**-139; the GPU's exp2 flushes those to 0, the interpreter's does not); sequences of 37, 0
+    and 1 keys; poisoned outputs; the 2x rule per sequence."""
+    flags = launch_flags("tileattn.kernels.decode", "_decode")
+    gen = torch.Generator().manual_seed(7)
+    batch, seqlen_q, heads, heads_kv, dim, capacity, scale = 3, 2, 4, 2, 64, 40, 2.0
+    q = torch.randn(batch, seqlen_q, heads, dim, generator=gen).abs().to(DEVICE, torch.bfloat16)
+    k_cache = -torch.randn(batch, capacity, heads_kv, dim, generator=gen).abs().to(DEVICE, torch.bfloat16)
+    v_cache = torch.randn(batch, capacity, heads_kv, dim, generator=gen).to(DEVICE, torch.bfloat16)
+    sink = (torch.randn(heads, generator=gen) * 2).to(DEVICE)
+    seqlens = torch.tensor([37, 0, 1], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, heads, seqlen_q), float("nan"), device=DEVICE)
+    decode(q, k_cache, v_cache, seqlens, scale, causal=True, num_splits=splits, out=out, lse=lse, softcap=50.0,
+           learnable_sink=sink)
+    assert [f["BOUNDED"] for f in flags] == [True]
+    assert not out.isnan().any() and not lse.isnan().any()
+    for b, n in enumerate(seqlens.tolist()):
+        kv = (k_cache[b : b + 1, :n], v_cache[b : b + 1, :n])
+        variant = dict(causal=True, softcap=50.0, learnable_sink=sink)
+        ref_out, ref_lse = attention_ref(q[b : b + 1], *kv, scale, **variant)
+        low_out, low_lse = attention_ref(q[b : b + 1], *kv, scale, upcast=False, **variant)
+        for name, ours, low, ref, floor in (("out", out[b : b + 1], low_out, ref_out, torch.bfloat16),
+                                            ("lse", lse[b : b + 1], low_lse, ref_lse, torch.float32)):
+            check = Check(f"{name} b{b}", _max_err(ours, ref), _max_err(low, ref), _rounding_atol(ref, floor))
+            assert check.ok, str(check)

@@ -229,8 +229,8 @@ def bounded_shift(c):
     """The fixed base-2 shift of BOUNDED scores s * c with |s| <= 1 (a softcap's tanh, c the cap
     in base 2): min(c, 120 - c). Every p = exp2(s * c - shift) then lies in [2**-min(2c, 120),
     2**max(0, 2c - 120)]: never a subnormal (exp2 flushes them), and at most 2**24.3 for the
-    largest cap the launchers allow (50, Gemma 2's), so fp32 sums of a million keys stay exact
-    enough and finite. Only bf16 and fp32 probabilities have the exponent range for it."""
+    largest cap the launchers allow (50, Gemma 2's), so fp32 sums over a million keys stay far
+    from overflow. Only bf16 and fp32 probabilities have the exponent range for it."""
     return tl.minimum(c, BOUNDED_SPAN - c)
 
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from tileattn import kernels
+from tileattn import flash_attn_func, kernels
 from tileattn.kernels import config
 from tileattn.kernels.config import desc_block_setter, head_blocks
 from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT, _host_descs, _select, check_offsets
 from tileattn.reference import attention_ref
+from tileattn.testing import check_attention
 
 from ..helpers import DEVICE, make_qkv, shape_id
 
@@ -144,13 +145,10 @@ BOUNDED = {
 
 @pytest.mark.parametrize("name", BOUNDED, ids=list(BOUNDED))
 def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, name):
-    """A softcap (up to 50, no ALiBi) bounds the scores, so bf16 and fp32 forwards (and decode,
-    test_decode's tall-tile test) shift them by one constant instead of a running max (BOUNDED).
+    """A softcap (up to 50, no ALiBi) bounds the scores, so bf16 and fp32 forwards (and decode:
+    test_decode's bounded test) shift them by one constant instead of a running max (BOUNDED).
     Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 0),
     Sq > Sk) against the oracle within the 2x-PyTorch rule, outputs poisoned."""
-    from tileattn import flash_attn_func
-    from tileattn.testing import check_attention
-
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
     flags = launch_flags("tileattn.kernels.forward", "_fwd")
     dtype, cap, scale, sign, variants = BOUNDED[name]

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from tileattn import flash_attn_func, flash_attn_varlen_func
 from tileattn.dropout import dropout_mask, keep_mask, philox
-from tileattn.kernels.tile import dropout_keep
+from tileattn.kernels.tile import dropout_words, dropped
 
 from .helpers import DEVICE, make_qkv
 
@@ -30,18 +30,26 @@ def test_philox_known_answers(rounds):
 @triton.jit
 def _keep_kernel(Out, seed, offset, bh, p, first_col, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows = tl.arange(0, ROWS)
-    keep = dropout_keep(seed, offset, bh, rows, first_col, p, 2.0, COLS)
-    tl.store(Out + rows[:, None] * COLS + tl.arange(0, COLS)[None, :], keep)
+    words = dropout_words(seed, offset, bh, rows, first_col, COLS)
+    kept = dropped(tl.full([ROWS, COLS], 2.0, tl.float32), words, p)
+    tl.store(Out + rows[:, None] * COLS + tl.arange(0, COLS)[None, :], kept)
 
 
-def test_kernel_bits_match_the_torch_definition():
-    """The kernels' tile of keep factors (eight keys per Philox call, interleaved) is the mask
-    tileattn.dropout defines, at a tile that does not start at key 0."""
-    out = torch.empty(16, 32, device=DEVICE)
-    _keep_kernel[(1,)](out, 987654321, 11, 5, 0.3, 64, ROWS=16, COLS=32)
-    ref = keep_mask(0.3, 987654321, 11, 5, torch.arange(16), 64, 32)
+@pytest.mark.parametrize("p", [0.3, 1 - 2**-17], ids=["p0.3", "p-near-1"])
+@pytest.mark.parametrize("first_col, cols", [(64, 32), (0, 128)], ids=["tile-at-64", "tile-of-128"])
+def test_kernel_bits_match_the_torch_definition(p, first_col, cols):
+    """The kernels' dropped tile (four Philox calls per 32-key group, words split into even and
+    odd columns) is the mask tileattn.dropout defines, at tiles that do not start at key 0 or
+    span several groups; p within 2**-17 of 1 drops every key (the high half's bound is the
+    largest word there)."""
+    out = torch.empty(16, cols, device=DEVICE)
+    _keep_kernel[(1,)](out, 987654321, 11, 5, p, first_col, ROWS=16, COLS=cols)
+    ref = keep_mask(p, 987654321, 11, 5, torch.arange(16), first_col, cols)
     assert torch.equal(out.cpu(), ref.float() * 2.0)
-    assert 0.5 < ref.float().mean() < 0.9
+    if p < 0.5:
+        assert 0.5 < ref.float().mean() < 0.9
+    else:
+        assert not ref.any()
 
 
 def test_mask_of_any_key_range_is_a_slice_of_the_whole():

@@ -1,16 +1,19 @@
 """Attention dropout's random bits, defined once for both backends and the tests.
 
 Element (batch b, head h, query i, key j) is kept iff u >= dropout_p. Philox-4x32-7 (Triton's
-``tl.philox`` with seven rounds) with key ``seed`` and counter (j // 8, i, b * heads + h, offset)
-gives four 32-bit words; u is 16-bit part j % 2 (low half first) of word (j % 8) // 2, scaled to
-[0, 1). Seven rounds, the fewest with which Philox-4x32 passes TestU01's BigCrush (Salmon et al.,
-SC11), are what flash-attn's dropout runs: 30% less integer work than the recommended ten, for
-bits that only pick which probabilities to drop. One Philox evaluation (the forward's most
-expensive work per score when each key had its own word) so serves eight neighbouring keys, and
-p is resolved to 2**-16: the keep rate is 1 - p within 1.6e-5, while the kept probabilities are
-scaled by exactly 1 / (1 - p). The kernels regenerate the bits in the backward instead of
-storing a mask; this module computes the same bits in PyTorch for the CPU backend and for
-``return_attn_probs``.
+``tl.philox`` with seven rounds) with key ``seed`` and counter (4 * (j // 32) + (j % 8) // 2, i,
+b * heads + h, offset) gives four 32-bit words; u is 16-bit part j % 2 (low half first) of word
+(j % 32) // 8, scaled to [0, 1). So one Philox call serves keys 8w + 2t and 8w + 2t + 1 (w = 0..3)
+of a 32-key group: the columns that one thread of the tensor cores' accumulator layout holds
+(thread t of a quad holds column pairs 8k + 2t), so the kernels draw every bit in the thread that
+uses it (see tileattn.kernels.tile.dropout_words). Seven rounds, the fewest with which
+Philox-4x32 passes TestU01's BigCrush (Salmon et al., SC11), are what flash-attn's dropout runs:
+30% less integer work than the recommended ten, for bits that only pick which probabilities to
+drop. One Philox evaluation (the forward's most expensive work per score when each key had its
+own word) so serves eight keys, and p is resolved to 2**-16: the keep rate is 1 - p within
+1.6e-5, while the kept probabilities are scaled by exactly 1 / (1 - p). The kernels regenerate
+the bits in the backward instead of storing a mask; this module computes the same bits in
+PyTorch for the CPU backend and for ``return_attn_probs``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 KEY_BITS = 16  # random bits per key (8 bits cannot drop a p below 1/256: measured 0.0039 for 0.001)
 KEYS_PER_WORD = 32 // KEY_BITS
 KEYS_PER_CALL = 4 * KEYS_PER_WORD
+KEY_GROUP = 4 * KEYS_PER_CALL  # keys whose bits four Philox calls interleave (one call per column pair of 8)
 ROUNDS = 7
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -70,14 +74,17 @@ def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, first_
     for keys [first_col, first_col + num_cols) along a new last dim; batch_head and rows are
     int tensors (or ints) that broadcast together."""
     device = next((x.device for x in (batch_head, rows) if isinstance(x, torch.Tensor)), None)
-    first = first_col // KEYS_PER_CALL
-    counters = torch.arange(first, -(-(first_col + num_cols) // KEYS_PER_CALL), device=device)
+    first = first_col // KEY_GROUP
+    groups = torch.arange(first, -(-(first_col + num_cols) // KEY_GROUP), device=device)
+    pairs = 4  # calls per group: column pair t of every 8 keys
+    counters = (groups[:, None] * pairs + torch.arange(pairs, device=device)).flatten()
     rows, batch_head = (torch.as_tensor(x, device=device).unsqueeze(-1) for x in (rows, batch_head))
-    # word w of counter c at 4c + w, then its part s at KEYS_PER_WORD * (4c + w) + s
-    words = torch.stack(philox(seed, counters, rows, batch_head, offset), -1).flatten(-2)
+    words = torch.stack(philox(seed, counters, rows, batch_head, offset), -1)  # [..., group * pair, word]
+    words = words.unflatten(-2, (-1, pairs)).transpose(-1, -2)  # [..., group, word, pair]
     low = (1 << KEY_BITS) - 1
-    parts = torch.stack([(words >> (KEY_BITS * s)) & low for s in range(KEYS_PER_WORD)], -1).flatten(-2)
-    start = first_col - KEYS_PER_CALL * first
+    parts = torch.stack([(words >> (KEY_BITS * s)) & low for s in range(KEYS_PER_WORD)], -1)
+    parts = parts.flatten(-4)  # key 32 g + 8 w + 2 t + s at [..., g, w, t, s]
+    start = first_col - KEY_GROUP * first
     return uniform(parts[..., start : start + num_cols]) >= dropout_p
 
 

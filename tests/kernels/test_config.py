@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tileattn.dropout import KEY_GROUP
 from tileattn.kernels import config
 
 
@@ -161,3 +162,31 @@ def test_graph_bench_sees_what_the_callers_stream_wrote_on_the_gpu():
     seen = []
     config.graph_bench(lambda: seen.append(x.clone()))
     assert seen[0].item() == 1.0
+
+
+@pytest.mark.parametrize("kind, head_dim, precision", [("bwd_dq", 128, "tf32"), ("bwd_dq", 256, "ieee"),
+                                                      ("bwd_dkdv", 256, "ieee")])
+def test_dropout_never_gets_a_key_tile_narrower_than_its_bit_groups(monkeypatch, kind, head_dim, precision):
+    """Dropout's bits come in groups of KEY_GROUP keys (tile.dropout_words): the lists' 16-key
+    tiles stay for the other variants and never reach a dropout launch."""
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    monkeypatch.setattr(config, "autotuning", lambda: True)
+    tuned = []
+
+    class FakeTuner:
+        def __init__(self, configs):
+            tuned.append({c.kwargs["BLOCK_N"] for c in configs})
+            self.best_config = None
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(config.triton, "autotune", lambda configs, key, do_bench: lambda fn: FakeTuner(configs))
+    launch = config.autotuned(_FakeKernel(), kind)
+    q = torch.zeros(2, dtype=torch.bfloat16)
+    flags = _FLAGS | config.head_blocks(head_dim) | dict(DOT_PRECISION=precision)
+    launch["grid"](q, q, 7, **(flags | dict(DROPOUT=True)))
+    launch["grid"](q, q, 7, **flags)
+    dropout_tiles, plain_tiles = tuned
+    assert dropout_tiles and all(n % KEY_GROUP == 0 for n in dropout_tiles)
+    assert 16 in plain_tiles

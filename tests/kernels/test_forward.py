@@ -99,11 +99,12 @@ def test_dense_tma_descriptors_are_made_on_the_host():
 def test_forward_config_selection():
     """2-stage pipelines crash Triton 3.6's ptxas with host descriptors: never compiled for
     them; host descriptors and split head dims (80, 96) take their own untuned default first,
-    except with dropout; the set is otherwise unchanged."""
+    host descriptors with dropout too, split head dims not (4 warps spill dropout's Philox
+    state); the set is otherwise unchanged."""
     configs = config._GPU_CONFIGS["fwd"][128]
     host = _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=False))
     assert host[0] == HOST_TMA_DEFAULT and all(stages >= 3 for *_, stages in host) and len(host) < len(configs)
-    assert _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=True))[0] == configs[0]
+    assert _select(configs, dict(TMA=2, SPLIT_D=False, DROPOUT=True)) == host
     assert _select(configs, dict(TMA=0, SPLIT_D=False, DROPOUT=False)) == list(configs)
     split = _select(configs, dict(TMA=0, SPLIT_D=True, DROPOUT=False))
     assert split[0] == SPLIT_DEFAULT and sorted(split) == sorted(configs)

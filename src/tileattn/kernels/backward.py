@@ -39,7 +39,9 @@ from .tile import (
     LOG2E,
     alibi_slope,
     cast,
-    dropout_keep,
+    dropout_words,
+    dropped,
+    kept_transposed,
     key_range,
     load_cols,
     load_rows,
@@ -58,9 +60,11 @@ def _bwd_preprocess(
     Out, DOut, Delta,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
-    seqlen_q, heads, head_dim,
+    seqlen_q, heads, head_dim, keep_rate,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Delta = rowsum(dO * O) * keep_rate: 1 - p with dropout, whose kernels form dS / (1 - p)
+    (the kept probabilities unscaled) and scale dQ, dK and dV by 1 / (1 - p) after their loops."""
     if PDL:  # O and dO come from the kernels before this one
         gdc_wait()
         gdc_launch_dependents()
@@ -75,7 +79,7 @@ def _bwd_preprocess(
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+    tl.store(Delta + pid_bh * seqlen_q + offs_m, tl.sum(o * do, 1) * keep_rate, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -111,7 +115,7 @@ def _dkdv_tile(
     dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset, start_m, offs_m, start_n, offs_n, offs_d,
     offs_d2,
     mask_d, mask_d2, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap, slope,
-    window_left, window_right, seed, offset, bh, dropout_p, rescale,
+    window_left, window_right, seed, offset, bh, dropout_p,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -134,10 +138,10 @@ def _dkdv_tile(
         st = mask_scores(st, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right, CAUSAL,
                          WINDOW)
     pt = _probs(st, lse[None, :], DOT_PRECISION)
-    if DROPOUT:  # the output saw p * keep: so do dV and the p-gradient
-        keep = tl.trans(dropout_keep(seed, offset, bh, rows, start_n, dropout_p, rescale, offs_n.shape[0]))
+    if DROPOUT:  # the output saw the kept p (times 1 / (1 - p), applied after the loop): so do dV and dP
+        keep = kept_transposed(tl.trans(dropout_words(seed, offset, bh, rows, start_n, offs_n.shape[0])), dropout_p)
         pt_out = pt * keep
-        dpt = dpt * keep
+        dpt = dpt * keep  # with delta * (1 - p) (_bwd_preprocess): dS / (1 - p)
     else:
         pt_out = pt
     pt_out = cast(pt_out, do.dtype, DOT_PRECISION)
@@ -231,21 +235,21 @@ def _bwd_dkdv_kernel(
                                           start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
-                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                           True, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
                                           start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
-                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                           False, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         for start_m in range(tl.maximum(full_lo, full_hi), hi, BLOCK_M):
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse, Delta, bh_offset,
                                           start_m, offs_m, start_n, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_qm,
                                           stride_qd, stride_dom, stride_dod, seqlen_q, seqlen_k, qk_scale, softcap,
                                           slope, window_left, window_right, seed, philox_offset, bh, dropout_p,
-                                          rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+                                          CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT,
                                           True, EVEN_D, SPLIT_D, WIDE, DOT_PRECISION)
         if DOT_PRECISION == "ieee":
             dk = dk_total + dk
@@ -253,6 +257,11 @@ def _bwd_dkdv_kernel(
             dk2 = dk2_total + dk2
             dv2 = dv2_total + dv2
 
+    if DROPOUT:
+        dk = dk * rescale
+        dv = dv * rescale
+        dk2 = dk2 * rescale
+        dv2 = dv2 * rescale
     dk_rows = row_ptrs(DK, start_n, tile_n, stride_dkn, WIDE)[:, None]
     dv_rows = row_ptrs(DV, start_n, tile_n, stride_dvn, WIDE)[:, None]
     mask = mask_n[:, None] & mask_d[None, :]
@@ -272,7 +281,7 @@ def _bwd_dkdv_kernel(
 def _dq_tile(
     dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2,
     stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left, window_right,
-    seed, offset, bh, dropout_p, rescale,
+    seed, offset, bh, dropout_p,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -296,8 +305,8 @@ def _dq_tile(
     p = _probs(s, lse[:, None], DOT_PRECISION)
     if SOFTCAP:  # the cap's derivative, applied now so the tanh tile dies early
         p = p * (1.0 - th * th)
-    if DROPOUT:
-        dp = dp * dropout_keep(seed, offset, bh, offs_m, start_n, dropout_p, rescale, offs_n.shape[0])
+    if DROPOUT:  # dS / (1 - p), as in _dkdv_tile
+        dp = dropped(dp, dropout_words(seed, offset, bh, offs_m, start_n, offs_n.shape[0]), dropout_p)
     ds = p * (dp - delta[:, None])
     ds = cast(ds, kt.dtype, DOT_PRECISION)
     dq = mma(ds, tl.trans(kt), dq, DOT_PRECISION)
@@ -364,21 +373,24 @@ def _bwd_dq_kernel(
         dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
-                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
+                           dropout_p, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
                            WIDE, DOT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
-                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D,
+                           dropout_p, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D,
                            WIDE, DOT_PRECISION)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                            offs_d2, mask_d, mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
                            qk_scale, softcap, slope, window_left, window_right, seed, philox_offset, pid_bh,
-                           dropout_p, rescale, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
+                           dropout_p, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D,
                            WIDE, DOT_PRECISION)
 
+    if DROPOUT:
+        dq = dq * rescale
+        dq2 = dq2 * rescale
     dq_rows = row_ptrs(DQ, start_m, tile_m, stride_dqm, WIDE)[:, None]
     tl.store(dq_rows + offs_d[None, :] * stride_dqd, cast(dq * softmax_scale, DQ.dtype.element_ty, DOT_PRECISION),
              mask=mask_m[:, None] & mask_d[None, :])
@@ -426,7 +438,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     if rows_q > 0:
         # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
         _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
-            o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim,
+            o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim, 1.0 - float(dropout[0]),
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_block(head_dim), **pdl,
         )
         _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](

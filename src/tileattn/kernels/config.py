@@ -15,6 +15,8 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from ..dropout import KEY_GROUP
+
 try:  # programmatic dependent launch's device side; absent from older Tritons (then PDL is off)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
@@ -278,6 +280,8 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
 
     def configs_for(kwargs) -> tuple:
         listed = configs(kind, tile_width(kwargs), kwargs["DOT_PRECISION"])
+        if kwargs.get("DROPOUT"):  # its bits come in groups of KEY_GROUP keys (tile.dropout_words)
+            listed = [c for c in listed if c[1] % KEY_GROUP == 0]
         return tuple(listed if select is None else select(listed, kwargs))
 
     def variant_key(configs, args, kwargs) -> tuple:

@@ -113,7 +113,7 @@ def _decode_tile(
         kt, kt2, v, v2 = load_kv(k_cols, v_rows, offs_d, offs_d2, cols < seqlen_k, mask_d, mask_d2, stride_kd,
                                  stride_vd, MASKED, EVEN_D, SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, start_n, cols, seqlen_q, seqlen_k,
-                       qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0, 1.0,  # no dropout here
+                       qk_scale, softcap, slope, window_left, window_right, 0, 0, 0, 0.0,  # no dropout here
                        0, CAUSAL, WINDOW, SOFTCAP, ALIBI, False, MASKED, SPLIT_D, DOT_PRECISION, BOUNDED)
 
 

@@ -29,7 +29,7 @@ from .tile import (
 def _fwd_tile(
     acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b, hk, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d,
     mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-    window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
+    window_right, seed, offset, bh, dropout_p, alibi_ref,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
@@ -56,7 +56,7 @@ def _fwd_tile(
                                  cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
                                  SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, start_n, cols, seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, rescale, alibi_ref,
+                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, alibi_ref,
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION, BOUNDED)
 
 
@@ -129,26 +129,29 @@ def _fwd_kernel(
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, rescale, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
 
     if ALIBI == 2:  # back to the true scores' max (-inf stays -inf), so the LSE and a sink see them
         m_i = m_i - alibi_row_shift(slope, offs_m, start_m)
+    if DROPOUT:  # the kept probabilities' 1 / (1 - p), once instead of per score
+        acc = acc * rescale
+        acc2 = acc2 * rescale
     if SINK:
         m_i, l_i, acc, acc2 = fold_sink(m_i, l_i, acc, acc2, tl.load(Sinks + h).to(tl.float32) * LOG2E)
     out, out2, lse = finish_softmax(m_i, l_i, acc, acc2)
@@ -181,10 +184,11 @@ def _select(configs, meta: dict) -> list:
     (128, 64, 4, 3) beat the 128-wide default (128, 64, 8, 3) by 11-30% causal at 1k-8k for d80
     and d96 (non-causal 4k: d96 +9%, d80 equal); not with dropout, whose Philox state spills.
     With host descriptors (d128) the default is (128, 128, 8, 3), +4-12% over (128, 64, 8, 3)
-    timed alone; not with dropout, which needs 288 KiB of shared memory there."""
+    timed alone; with dropout too since its bits need no layout conversion (230 KiB of shared
+    memory as without it, 235 registers, no spills; it needed 288 KiB before)."""
     configs = [c for c in configs if meta["TMA"] != 2 or c[3] >= 3]
     first = SPLIT_DEFAULT if meta["SPLIT_D"] else HOST_TMA_DEFAULT if meta["TMA"] == 2 else None
-    if first in configs and not meta["DROPOUT"]:
+    if first in configs and not (meta["DROPOUT"] and meta["SPLIT_D"]):
         configs.remove(first)
         configs.insert(0, first)
     return configs

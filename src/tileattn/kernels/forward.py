@@ -185,7 +185,7 @@ def _select(configs, meta: dict) -> list:
     and d96 (non-causal 4k: d96 +9%, d80 equal); not with dropout, whose Philox state spills.
     With host descriptors (d128) the default is (128, 128, 8, 3), +4-12% over (128, 64, 8, 3)
     timed alone; with dropout too since its bits need no layout conversion (230 KiB of shared
-    memory as without it, 235 registers, no spills; it needed 288 KiB before)."""
+    memory as without it, no spills; it needed 288 KiB before)."""
     configs = [c for c in configs if meta["TMA"] != 2 or c[3] >= 3]
     first = SPLIT_DEFAULT if meta["SPLIT_D"] else HOST_TMA_DEFAULT if meta["TMA"] == 2 else None
     if first in configs and not (meta["DROPOUT"] and meta["SPLIT_D"]):

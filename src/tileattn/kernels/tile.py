@@ -176,7 +176,8 @@ def dropout_words(seed, offset, bh, rows, first_col, BLOCK_N: tl.constexpr):
     what one thread of the tensor cores' accumulator layout holds, and the [M, groups, t] counters
     map t to those threads: the words come out in the score tile's layout, with no conversion
     through shared memory (the old interleaving of eight neighbouring keys per call cost one per
-    tile: d128 forward loop 670 SASS instructions against 593 now, plain 359)."""
+    tile; offline sm_90a SASS, triton 3.6, d128 forward loop: 754 instructions then, 555 now,
+    342 without dropout)."""
     tl.static_assert(BLOCK_N // KEY_GROUP * KEY_GROUP == BLOCK_N, "dropout needs key tiles of whole 32-key groups")
     g = (tl.arange(0, BLOCK_N // KEY_GROUP) + first_col // KEY_GROUP)[None, :, None]
     t = tl.arange(0, 4)[None, None, :]

@@ -190,13 +190,14 @@ def dropout_words(seed, offset, bh, rows, first_col, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _dropout_bounds(dropout_p):
-    """(low, high): a word's low half is kept iff (word & 0xFFFF) >= low, its high half iff
-    word > high. u / 2**16 >= p  <=>  u >= ceil(p * 2**16) for an integer u (the scaling is
-    exact); high = low * 2**16 - 1 compares the high half without a shift (low >= 1 as p > 0, so
-    no wrap below zero; low = 2**16 wraps to the largest word, which keeps nothing)."""
+def _kept_halves(words, dropout_p):
+    """(even, odd): whether dropout keeps the key in each word's low half (even column) and in
+    its high half (odd column). u / 2**16 >= p  <=>  u >= ceil(p * 2**16) for an integer u (the
+    scaling is exact); the high half compares the whole word with low * 2**16 - 1, no shift
+    (low >= 1 as p > 0, so no wrap below zero; low = 2**16 wraps to the largest word, which keeps
+    nothing)."""
     low = tl.math.ceil(dropout_p * KEY_SCALE).to(tl.uint32)
-    return low, low * 65536 - 1
+    return (words & 0xFFFF) >= low, words > low * 65536 - 1
 
 
 @triton.jit
@@ -204,14 +205,13 @@ def dropped(x, words, dropout_p):
     """x [M, N] with the entries dropout drops set to 0 (kept ones unscaled), words [M, N / 2]
     from dropout_words. x's even and odd columns are split apart (a pair sits in one thread of
     the accumulator layout) rather than each word's halves interleaved into x's layout."""
-    low, high = _dropout_bounds(dropout_p)
+    keep_even, keep_odd = _kept_halves(words, dropout_p)
     # a zero LLVM cannot see as a constant: with 0.0 it moves the select past the bf16
     # conversion and selects 16-bit halves of packed pairs (two byte permutes per score)
     zero = dropout_p * 0.0
     even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    even = tl.where((words & 0xFFFF) >= low, even, zero)
-    odd = tl.where(words > high, odd, zero)
-    return tl.reshape(tl.join(even, odd), [x.shape[0], x.shape[1]])
+    return tl.reshape(tl.join(tl.where(keep_even, even, zero), tl.where(keep_odd, odd, zero)),
+                      [x.shape[0], x.shape[1]])
 
 
 @triton.jit
@@ -221,10 +221,9 @@ def kept_transposed(words_t, dropout_p):
     keys (rows there) in different threads, so something crosses threads: the words (one 32-bit
     value per two keys), not a float factor per key (offline sm_90a SASS, triton 3.6, d128 dK/dV
     loop: 860 instructions, 922 with the float tile converted, 996 before dropout_words)."""
-    low, high = _dropout_bounds(dropout_p)
-    even = tl.where((words_t & 0xFFFF) >= low, 1.0, 0.0)
-    odd = tl.where(words_t > high, 1.0, 0.0)
-    factors = tl.permute(tl.join(even, odd), (0, 2, 1))  # [N / 2, 2, M]: key 2 x + s at [x, s]
+    keep_even, keep_odd = _kept_halves(words_t, dropout_p)
+    factors = tl.join(tl.where(keep_even, 1.0, 0.0), tl.where(keep_odd, 1.0, 0.0))
+    factors = tl.permute(factors, (0, 2, 1))  # [N / 2, 2, M]: key 2 x + s at [x, s]
     return tl.reshape(factors, [2 * words_t.shape[0], words_t.shape[1]])
 
 

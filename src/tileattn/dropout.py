@@ -23,7 +23,8 @@ import torch
 KEY_BITS = 16  # random bits per key (8 bits cannot drop a p below 1/256: measured 0.0039 for 0.001)
 KEYS_PER_WORD = 32 // KEY_BITS
 KEYS_PER_CALL = 4 * KEYS_PER_WORD
-KEY_GROUP = 4 * KEYS_PER_CALL  # keys whose bits four Philox calls interleave (one call per column pair of 8)
+CALLS_PER_GROUP = 4  # Philox calls whose bits interleave: one per column pair t of every 8 keys
+KEY_GROUP = CALLS_PER_GROUP * KEYS_PER_CALL
 ROUNDS = 7
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -76,11 +77,10 @@ def keep_mask(dropout_p: float, seed: int, offset: int, batch_head, rows, first_
     device = next((x.device for x in (batch_head, rows) if isinstance(x, torch.Tensor)), None)
     first = first_col // KEY_GROUP
     groups = torch.arange(first, -(-(first_col + num_cols) // KEY_GROUP), device=device)
-    pairs = 4  # calls per group: column pair t of every 8 keys
-    counters = (groups[:, None] * pairs + torch.arange(pairs, device=device)).flatten()
+    counters = (groups[:, None] * CALLS_PER_GROUP + torch.arange(CALLS_PER_GROUP, device=device)).flatten()
     rows, batch_head = (torch.as_tensor(x, device=device).unsqueeze(-1) for x in (rows, batch_head))
     words = torch.stack(philox(seed, counters, rows, batch_head, offset), -1)  # [..., group * pair, word]
-    words = words.unflatten(-2, (-1, pairs)).transpose(-1, -2)  # [..., group, word, pair]
+    words = words.unflatten(-2, (-1, CALLS_PER_GROUP)).transpose(-1, -2)  # [..., group, word, pair]
     low = (1 << KEY_BITS) - 1
     parts = torch.stack([(words >> (KEY_BITS * s)) & low for s in range(KEYS_PER_WORD)], -1)
     parts = parts.flatten(-4)  # key 32 g + 8 w + 2 t + s at [..., g, w, t, s]

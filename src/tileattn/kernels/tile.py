@@ -25,6 +25,7 @@ from .. import dropout
 assert dropout.KEY_BITS == 16
 KEYS_PER_WORD = tl.constexpr(dropout.KEYS_PER_WORD)
 KEY_GROUP = tl.constexpr(dropout.KEY_GROUP)
+CALLS_PER_GROUP = tl.constexpr(dropout.CALLS_PER_GROUP)
 KEY_SCALE = tl.constexpr(float(2**dropout.KEY_BITS))
 PHILOX_ROUNDS = tl.constexpr(dropout.ROUNDS)
 
@@ -180,8 +181,8 @@ def dropout_words(seed, offset, bh, rows, first_col, BLOCK_N: tl.constexpr):
     342 without dropout)."""
     tl.static_assert(BLOCK_N // KEY_GROUP * KEY_GROUP == BLOCK_N, "dropout needs key tiles of whole 32-key groups")
     g = (tl.arange(0, BLOCK_N // KEY_GROUP) + first_col // KEY_GROUP)[None, :, None]
-    t = tl.arange(0, 4)[None, None, :]
-    c0 = g * 4 + t + rows[:, None, None] * 0
+    t = tl.arange(0, CALLS_PER_GROUP)[None, None, :]
+    c0 = g * CALLS_PER_GROUP + t + rows[:, None, None] * 0
     c1 = rows[:, None, None] + c0 * 0
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + offset, PHILOX_ROUNDS)
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [M, G, T, 2, 2]: word 2 * i + j at [.., i, j]

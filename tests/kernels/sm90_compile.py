@@ -122,8 +122,8 @@ def cases():
         CAUSAL=False, SINK=False, TMA=2, **d128), dict(seqlen_q=1, seqlen_k=1)
     yield "fwd d128 causal softcap TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
         SOFTCAP=2, SINK=False, TMA=2, **d128), None
-    yield "fwd d128 causal softcap bounded TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(
-        SOFTCAP=2, BOUNDED=True, SINK=False, TMA=2, **d128), None
+    yield "fwd d128 causal softcap bounded (bf16: half the exp2 on FMA units) TMA", "forward._fwd_kernel", \
+        HOST_TMA_DEFAULT, _variants(SOFTCAP=2, BOUNDED=2, SINK=False, TMA=2, **d128), None
     yield "fwd d128 varlen window softcap alibi sink dropout TMA", "forward._fwd_kernel", fwd, _variants(
         VARLEN=True, WINDOW=True, SOFTCAP=2, ALIBI=True, DROPOUT=True, SINK=True, TMA=1, **d128), None
     yield "fwd d128 causal alibi (per-key form) TMA", "forward._fwd_kernel", HOST_TMA_DEFAULT, _variants(

@@ -310,15 +310,18 @@ def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, pe
     bounded (kernels with an online softmax: the forward, decode) adds BOUNDED, on for a softcap
     up to BOUNDED_MAX_CAP without ALiBi in bf16 or fp32: capped scores never pass the cap, so one
     fixed shift replaces the running max (tile.bounded_shift). fp16 probabilities lack the
-    exponent range (2**-24 is their smallest), and ALiBi's bias has no lower bound."""
+    exponent range (2**-24 is their smallest), and ALiBi's bias has no lower bound. BOUNDED 2 for
+    bf16 computes half the exponentials without the MUFU unit (tile.exp2_fma, accurate to
+    7.5e-5: enough for bf16 probabilities, not fp32's)."""
     half = q.dtype != torch.float32
     approx = q.is_cuda and torch.version.hip is None and half
     alibi = 0 if alibi_slopes is None else 2 if causal and half and per_key_alibi else 1
     flags = dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
                  SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi)
     if bounded:
-        flags["BOUNDED"] = (0 < softcap <= BOUNDED_MAX_CAP and alibi_slopes is None
-                            and q.dtype in (torch.bfloat16, torch.float32))
+        flags["BOUNDED"] = 0
+        if 0 < softcap <= BOUNDED_MAX_CAP and alibi_slopes is None and q.dtype in (torch.bfloat16, torch.float32):
+            flags["BOUNDED"] = 2 if q.dtype == torch.bfloat16 else 1
     return flags
 
 

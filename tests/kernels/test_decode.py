@@ -241,7 +241,7 @@ def test_bounded_softcap_splits_and_sinks(launch_flags, splits):
     lse = torch.full((batch, heads, seqlen_q), float("nan"), device=DEVICE)
     decode(q, k_cache, v_cache, seqlens, scale, causal=True, num_splits=splits, out=out, lse=lse, softcap=50.0,
            learnable_sink=sink)
-    assert [f["BOUNDED"] for f in flags] == [2]  # bf16: half the exponentials by tile.exp2_fma
+    assert [f["BOUNDED"] for f in flags] == [2]  # bf16: half the exponentials by fastmath.exp2_fma
     assert not out.isnan().any() and not lse.isnan().any()
     for b, n in enumerate(seqlens.tolist()):
         kv = (k_cache[b : b + 1, :n], v_cache[b : b + 1, :n])

@@ -163,7 +163,7 @@ def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, n
     checks = check_attention(flash_attn_func, q, k, v, causal=False, softmax_scale=scale, softcap=cap, **variants)
     failed = [str(c) for c in checks if not c.ok]
     assert not failed, failed
-    # bf16 takes half the unmasked tiles' exponentials off the MUFU unit (tile.exp2_fma)
+    # bf16 takes half the unmasked tiles' exponentials off the MUFU unit (fastmath.exp2_fma)
     assert flags and all(f["BOUNDED"] == (2 if dtype == torch.bfloat16 else 1) for f in flags)
 
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)

@@ -311,7 +311,7 @@ def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, pe
     up to BOUNDED_MAX_CAP without ALiBi in bf16 or fp32: capped scores never pass the cap, so one
     fixed shift replaces the running max (tile.bounded_shift). fp16 probabilities lack the
     exponent range (2**-24 is their smallest), and ALiBi's bias has no lower bound. BOUNDED 2 for
-    bf16 computes half the exponentials without the MUFU unit (tile.exp2_fma, accurate to
+    bf16 computes half the exponentials without the MUFU unit (fastmath.exp2_fma, accurate to
     7.5e-5: enough for bf16 probabilities, not fp32's)."""
     half = q.dtype != torch.float32
     approx = q.is_cuda and torch.version.hip is None and half

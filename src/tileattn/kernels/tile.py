@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import dropout
+from .fastmath import LOG2E, exp2_half_fma, tanh
 
 # dropped() splits each Philox word into two 16-bit halves
 assert dropout.KEY_BITS == 16
@@ -29,8 +30,7 @@ CALLS_PER_GROUP = tl.constexpr(dropout.CALLS_PER_GROUP)
 KEY_SCALE = tl.constexpr(float(2**dropout.KEY_BITS))
 PHILOX_ROUNDS = tl.constexpr(dropout.ROUNDS)
 
-# constexpr so kernels may read them; launchers use LOG2E.value
-LOG2E = tl.constexpr(1.4426950408889634)
+# constexpr so kernels may read it
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -71,30 +71,6 @@ def cast(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
-
-
-@triton.jit
-def tanh(x, APPROX: tl.constexpr):
-    """tanh in fp32. APPROX: the GPU's one-instruction tanh.approx (relative error ~2**-11, below
-    fp16/bf16 input rounding); else from exp2 (the interpreter has no libdevice or inline asm):
-    a short series near 0, where (1 - e) / (1 + e) would cancel, the closed form elsewhere."""
-    if APPROX:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    else:
-        t = _tanh_exp2(x)
-    return t
-
-
-@triton.jit
-def _tanh_exp2(x):
-    ax = tl.abs(x)
-    e = tl.math.exp2(ax * (-2.0 * LOG2E))  # tensor first: triton 3.9 wraps constexpr * tensor
-    closed = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    t = tl.where(ax < 0.3, series, closed)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -240,7 +216,7 @@ def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, MASK
     BOUNDED (softcap without ALiBi, |s| <= 1: see bounded_shift) shifts every score by one
     constant instead of the running max: no row max, no rescale of l and acc per tile. BOUNDED 2
     (bf16) also takes the odd columns' exponentials of unmasked tiles off the MUFU unit, which
-    the softcap's tanh already loads with one instruction per score (exp2_fma)."""
+    the softcap's tanh already loads with one instruction per score (fastmath.exp2_half_fma)."""
     if BOUNDED:
         m_new = tl.maximum(m_i, bounded_shift(c))  # -inf (no tile yet) -> the shift; a constant after
         x = s * c - m_new[:, None]  # masked scores are -inf: p = 0, no -inf - -inf
@@ -269,39 +245,6 @@ def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, MASK
     if SPLIT_D:
         acc2 = mma(p, v2, acc2, DOT_PRECISION)
     return m_new, l_i, acc, acc2
-
-
-# exp2_fma: 1.5 * 2**23, whose float spacing is 1, and 2**f's minimax cubic on [-0.5, 0.5]
-ROUND_MAGIC = tl.constexpr(12582912.0)
-EXP2_C0 = tl.constexpr(0.9999281167984009)
-EXP2_C1 = tl.constexpr(0.6932609677314758)
-EXP2_C2 = tl.constexpr(0.24261054396629333)
-EXP2_C3 = tl.constexpr(0.05517132207751274)
-
-
-@triton.jit
-def exp2_fma(x):
-    """2**x for finite x in [-125, 127] on the FMA and integer units, where tl.math.exp2 is one
-    MUFU instruction, a unit with an eighth of the FMA units' throughput on sm_90 (16 results
-    per clock per SM). Relative error 7.5e-5, under bf16's rounding of the probabilities
-    (2**-9), not fp32's. x = n + f with n the nearest integer, which adding 1.5 * 2**23 leaves
-    in the sum's low mantissa bits (no float-to-int conversion, another 16-per-clock
-    instruction); 2**f from a cubic, 2**n added to its exponent field."""
-    t = x + ROUND_MAGIC
-    f = x - (t - ROUND_MAGIC)
-    p = ((f * EXP2_C3 + EXP2_C2) * f + EXP2_C1) * f + EXP2_C0
-    bits = p.to(tl.uint32, bitcast=True) + (t.to(tl.uint32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_half_fma(x):
-    """2**x [M, N] for finite x in exp2_fma's range: even columns by the MUFU unit, odd ones by
-    exp2_fma (a pair of columns sits in one thread of the accumulator layout, so nothing moves
-    between threads). Half was best on an H100, d128 causal bf16 softcap forward: 1.24 ms; a
-    quarter 1.29, three quarters 1.29, all 1.35, none 1.31."""
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), [x.shape[0], x.shape[1]])
 
 
 BOUNDED_SPAN = tl.constexpr(120.0)  # base 2: the most a shifted score may lie below the shift

@@ -17,8 +17,8 @@ def _exp2_fma_kernel(X, Out, n, BLOCK: tl.constexpr):
 
 def test_exp2_fma_is_within_its_bound_over_its_whole_range():
     """Integers, half-integers (rounding ties) and everything between, from -125 (below, the
-    result's exponent field reaches 0) to 127, poisoned output; relative error against fp64 under the 7.5e-5 the
-    BOUNDED 2 softmax is allowed (bf16 rounds probabilities by up to 2**-9)."""
+    result's exponent field reaches 0) to 127, poisoned output; relative error against fp64
+    under the 7.5e-5 the BOUNDED 2 softmax is allowed (bf16 rounds probabilities by 2**-9)."""
     x = torch.cat([torch.linspace(-125, 127, 40_000), torch.arange(-125, 128.0), torch.arange(-124.5, 127.0)])
     x = x.to(device=DEVICE, dtype=torch.float32)
     out = torch.full_like(x, float("nan"))

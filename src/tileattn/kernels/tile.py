@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import dropout
-from .fastmath import LOG2E, exp2_half_fma, tanh
+from .fastmath import LOG2E, exp2_half_fma, join_column_pairs, split_column_pairs, tanh
 
 # dropped() splits each Philox word into two 16-bit halves
 assert dropout.KEY_BITS == 16
@@ -180,15 +180,14 @@ def _kept_halves(words, dropout_p):
 @triton.jit
 def dropped(x, words, dropout_p):
     """x [M, N] with the entries dropout drops set to 0 (kept ones unscaled), words [M, N / 2]
-    from dropout_words. x's even and odd columns are split apart (a pair sits in one thread of
-    the accumulator layout) rather than each word's halves interleaved into x's layout."""
+    from dropout_words. x's even and odd columns are split apart (split_column_pairs) rather
+    than each word's halves interleaved into x's layout."""
     keep_even, keep_odd = _kept_halves(words, dropout_p)
     # a zero LLVM cannot see as a constant: with 0.0 it moves the select past the bf16
     # conversion and selects 16-bit halves of packed pairs (two byte permutes per score)
     zero = dropout_p * 0.0
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    return tl.reshape(tl.join(tl.where(keep_even, even, zero), tl.where(keep_odd, odd, zero)),
-                      [x.shape[0], x.shape[1]])
+    even, odd = split_column_pairs(x)
+    return join_column_pairs(tl.where(keep_even, even, zero), tl.where(keep_odd, odd, zero))
 
 
 @triton.jit

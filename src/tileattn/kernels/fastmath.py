@@ -1,5 +1,7 @@
 """Elementwise math of the tile step beyond Triton's: the softcap's tanh, and 2**x on the FMA
-and integer units (exp2_fma), which takes work off the MUFU unit where tanh and exp2 crowd it.
+and integer units (exp2_fma), which takes work off the MUFU unit where tanh and exp2 crowd it;
+with them the split of a tile into the column pairs one thread holds, which exp2_half_fma and
+dropout's selection share.
 """
 
 import triton

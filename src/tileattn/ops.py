@@ -60,7 +60,9 @@ def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax
             window_left, window_right, softcap, dropout_p, seed, philox_offset, alibi_slopes, learnable_sink)
     tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
     if _eager(*tensors):
-        return _EagerAttention.apply(*args) if _wants_grad(*tensors) else _fwd(*args)
+        if not _wants_grad(*tensors):
+            return _fwd(*args)
+        return _EagerAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, args[5:16], alibi_slopes, learnable_sink)
     return fwd_op(*args)
 
 
@@ -174,17 +176,21 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """fwd_op's forward and backward, for eager calls that want gradients (see ``fwd``)."""
+    """fwd_op's forward and backward, for eager calls that want gradients (see ``fwd``). The
+    eleven non-tensor arguments come as one tuple: autograd's apply handles every argument (and
+    every returned gradient) in turn, ~1 us each on a CPU here."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, scalars, alibi_slopes, learnable_sink):
+        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, alibi_slopes, learnable_sink)
         output = _fwd(*args)
         _setup_context(ctx, args, output)
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, backward_op=_bwd)
+        dq, dk, dv, *_, dsink = _backward(ctx, dout, dlse, backward_op=_bwd)
+        return dq, dk, dv, None, None, None, None, dsink
 
 
 def fwd_kvcache(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,

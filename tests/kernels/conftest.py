@@ -13,8 +13,8 @@ def tma(request, monkeypatch):
 
 
 class _Recorder:
-    """Stands in for a launcher (``kernel[grid](*args, **kwargs)``): notes the keyword arguments,
-    then launches."""
+    """Stands in for a launcher (``kernel[grid](*args, **kwargs)`` or ``.recorded(record, grid,
+    *args, **kwargs)``): notes the keyword arguments, then launches."""
 
     def __init__(self, launcher, seen: list):
         self.launcher, self.seen = launcher, seen
@@ -25,6 +25,10 @@ class _Recorder:
             return self.launcher[grid](*args, **kwargs)
 
         return launch
+
+    def recorded(self, record, grid, *args, **kwargs):
+        self.seen.append(kwargs)
+        return self.launcher.recorded(record, grid, *args, **kwargs)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from .forward import (
     variant_args,
     variant_flags,
 )
+from .launch import Plans, launch_recorded, switches, tensor_key
 from .tile import (
     LN2,
     LOG2E,
@@ -418,6 +419,13 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if q.numel() + k.numel() == 0:
         return dq, dk, dv
+    key = None
+    if not varlen:
+        key = _plan_key(dout, q, k, v, out, lse, dq, dk, dv, causal, window_size, softcap, alibi_slopes, dropout)
+        plan = _plans.get(key)
+        if plan is not None:
+            _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout)
+            return dq, dk, dv
     q4, k4, v4, o4, do4, dq4, dk4, dv4, l3 = (x.unsqueeze(0) if varlen else x
                                               for x in (q, k, v, out, dout, dq, dk, dv, lse))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -437,17 +445,48 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     pdl = pdl_launch(q.device) if rows_q > 0 else dict(PDL=False)
     if rows_q > 0:
         # delta = rowsum(dO * O), laid out like lse; packed rows are one long sequence here
-        _bwd_preprocess[(triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads)](
+        pre = launch_recorded(
+            key is not None, _bwd_preprocess, (triton.cdiv(rows_q, _PREPROCESS_BLOCK_M), q4.shape[0] * heads),
             o4, do4, delta, *o4.stride(), *do4.stride(), rows_q, heads, head_dim, 1.0 - float(dropout[0]),
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_block(head_dim), **pdl,
         )
-        _dq[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
-            q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-            *tensor_strides, *strides(dq4, varlen), *lse_strides, *sizes, **common, **pdl,
+        dq_launch = _dq.recorded(
+            key is not None, lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads),
+            q4, k4, v4, do4, lse, delta, dq4, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *tensor_strides,
+            *strides(dq4, varlen), *lse_strides, *sizes, **common, **pdl,
         )
     if k4.shape[1] > 0:
-        _dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
+        dkdv_launch = _dkdv.recorded(
+            key is not None, lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv),
             q4, k4, v4, do4, lse, delta, dk4, dv4, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
             *tensor_strides, *strides(dk4, varlen), *strides(dv4, varlen), *lse_strides, *sizes, **common, **pdl,
         )
+    if key is not None and rows_q > 0 and k4.shape[1] > 0 and None not in (pre, dq_launch, dkdv_launch):
+        _plans.keep(key, (pre, dq_launch, dkdv_launch))
     return dq, dk, dv
+
+
+_plans = Plans()
+
+
+def _plan_key(dout, q, k, v, out, lse, dq, dk, dv, causal, window_size, softcap, alibi_slopes, dropout):
+    """What decides a dense backward's three launches but the tensors' addresses, the scale and
+    dropout's draw (kernels.launch); None while plans are off."""
+    env = switches()
+    if env is None:
+        return None
+    _, seed, offset = dropout
+    return (env, *(tensor_key(x) for x in (dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes)), causal,
+            tuple(window_size), softcap, dropout[0] > 0, seed < 2**31 and offset < 2**31)
+
+
+def _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout):
+    pre, dq_launch, dkdv_launch = plan
+    p, seed, offset = dropout
+    delta = torch.empty(lse_shape(q, False), dtype=torch.float32, device=q.device)
+    pre(Out=out, DOut=dout, Delta=delta, keep_rate=1.0 - float(p))
+    common = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, Alibi=alibi_slopes,
+                  qk_scale=softmax_scale * LOG2E.value, softmax_scale=softmax_scale, seed=seed, philox_offset=offset,
+                  dropout_p=float(p), rescale=1.0 / (1.0 - p))
+    dq_launch(DQ=dq, **common)
+    dkdv_launch(DK=dk, DV=dv, **common)

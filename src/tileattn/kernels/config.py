@@ -16,6 +16,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..dropout import KEY_GROUP
+from .launch import Recorded
 
 try:  # programmatic dependent launch's device side; absent from older Tritons (then PDL is off)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -318,10 +319,10 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
         key = variant_key(configs, args, kwargs)
         config = chosen.get(key)
         if config is not None:
-            meta = config.all_kwargs()
+            kwargs.update(config.all_kwargs())
             if hook is not None:
-                hook({**kwargs, **meta})
-            return kernel[grid](*args, **kwargs, **meta)
+                hook(kwargs)
+            return kernel[grid](*args, **kwargs)
         if configs not in tuners:
             tuners[configs] = triton.autotune(
                 configs=[triton.Config(_meta(m, n), num_warps=w, num_stages=s, pre_hook=hook)
@@ -333,13 +334,23 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
         chosen[key] = tuners[configs].best_config
         return result
 
+    def launch(grid, args, kwargs):
+        return (launch_tuned if autotuning() else launch_fixed)(grid, args, kwargs)
+
     class _Launcher:
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if not autotuning():
-                    return launch_fixed(grid, args, kwargs)
-                return launch_tuned(grid, args, kwargs)
+            return lambda *args, **kwargs: launch(grid, args, kwargs)
 
-            return launch
+        def recorded(self, record: bool, grid, *args, **kwargs):
+            """Launch; with record, return the launch as a launch.Recorded where it can be
+            repeated (a settled config: not while tuning, nor under the interpreter), else None."""
+            if not record:
+                launch(grid, args, kwargs)
+                return None
+            tuning = autotuning() and variant_key(configs_for(kwargs), args, kwargs) not in chosen
+            compiled = launch(grid, args, kwargs)  # kwargs now hold the config's meta-parameters
+            if tuning or interpreting():
+                return None
+            return Recorded.of(compiled, grid, kernel.arg_names, {**dict(zip(kernel.arg_names, args)), **kwargs})
 
     return _Launcher()

@@ -6,6 +6,7 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, desc_block_setter, dot_precision, head_blocks, host_descriptors, seqlen_bucket, use_tma
+from .launch import Plans, switches, tensor_key
 from .tile import (
     LOG2E,
     alibi_row_shift,
@@ -226,6 +227,16 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    key = None
+    if not varlen and softmax_scale > 0:
+        key = _plan_key(q, k, v, out, lse, causal, window_size, softcap, alibi_slopes, learnable_sink, dropout)
+        plan = _plans.get(key)
+        if plan is not None:
+            p, seed, offset = dropout
+            plan(Q=q, K=k, V=v, Out=out, Lse=lse, Alibi=alibi_slopes, Sinks=learnable_sink,
+                 qk_scale=softmax_scale * LOG2E.value, seed=seed, philox_offset=offset, dropout_p=float(p),
+                 rescale=1.0 / (1.0 - p), descriptors=dict(KDesc=k, VDesc=v))
+            return out, lse
     q, softmax_scale = positive_scale(q, softmax_scale)
     q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -238,8 +249,8 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
-    _fwd[grid](
-        q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink,
+    recorded = _fwd.recorded(
+        key is not None, grid, q4, k4, v4, o4, l3, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink,
         *strides(q4, varlen), *strides(k4, varlen), *strides(v4, varlen), *strides(o4, varlen),
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
@@ -249,7 +260,23 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks, k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
     )
+    _plans.keep(key, recorded)
     return out, lse
+
+
+_plans = Plans()
+
+
+def _plan_key(q, k, v, out, lse, causal, window_size, softcap, alibi_slopes, learnable_sink, dropout):
+    """What decides a dense forward launch's binary and arguments but the tensors' addresses,
+    the scale and dropout's draw (kernels.launch); None while plans are off."""
+    env = switches()
+    if env is None:
+        return None
+    _, seed, offset = dropout
+    return (env, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(out), tensor_key(lse),
+            tensor_key(alibi_slopes), tensor_key(learnable_sink), causal, tuple(window_size), softcap,
+            dropout[0] > 0, seed < 2**31 and offset < 2**31)
 
 
 def positive_scale(q, softmax_scale: float):

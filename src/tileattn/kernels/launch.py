@@ -40,8 +40,9 @@ _MAX_PLANS = 512  # per launcher; shapes that never repeat just start over
 
 
 def switches() -> tuple:
-    """The environment switches a launcher reads per call, as part of a plan key, or None when
-    plans are off (an older or newer Triton, the interpreter, TILEATTN_REPLAY=0)."""
+    """The current device and the environment switches a launcher reads per call, as part of a
+    plan key, or None when plans are off (an older or newer Triton, the interpreter,
+    TILEATTN_REPLAY=0)."""
     from .config import interpreting
 
     env = os.environ

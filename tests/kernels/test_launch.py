@@ -93,13 +93,12 @@ def test_a_host_descriptor_moves_to_the_new_tensor_keeping_its_block(fake_stream
 
 def test_plan_keys_tell_apart_what_triton_specializes_on(monkeypatch):
     monkeypatch.setattr(launch, "switches", lambda: ("on",))
-    monkeypatch.setattr(fwd_module, "switches", lambda: ("on",))
     q = torch.randn(2, 64, 4, 32, dtype=torch.float16)
     lse = torch.empty(2, 4, 64)
 
-    def key(q, k=None, causal=True, window=(-1, -1), softcap=0.0, dropout=(0.0, 0, 0)):
-        k = q if k is None else k
-        return fwd_module._plan_key(q, k, k, q, lse, causal, window, softcap, None, None, dropout)
+    def key(q, causal=True, window=(-1, -1), softcap=0.0, dropout=(0.0, 0, 0)):
+        # as the forward launcher keys its calls
+        return launch.plan_key((q, q, q, q, lse, None, None), dropout, causal, window, softcap)
 
     base = key(q)
     assert key(q.clone()) == base  # another tensor of the same layout: same plan

@@ -29,12 +29,13 @@ from .forward import (
     alibi_batch_stride,
     check_offsets,
     dropout_args,
+    dropout_kwargs,
     strides,
     trim_window,
     variant_args,
     variant_flags,
 )
-from .launch import Plans, launch_recorded, switches, tensor_key
+from .launch import Plans, launch_recorded, plan_key
 from .tile import (
     LN2,
     LOG2E,
@@ -421,7 +422,9 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
         return dq, dk, dv
     key = None
     if not varlen:
-        key = _plan_key(dout, q, k, v, out, lse, dq, dk, dv, causal, window_size, softcap, alibi_slopes, dropout)
+        # what decides the three launches but the tensors' addresses, the scale and dropout's draw
+        key = plan_key((dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes), dropout, causal, tuple(window_size),
+                       softcap)
         plan = _plans.get(key)
         if plan is not None:
             _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout)
@@ -469,24 +472,11 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
 _plans = Plans()
 
 
-def _plan_key(dout, q, k, v, out, lse, dq, dk, dv, causal, window_size, softcap, alibi_slopes, dropout):
-    """What decides a dense backward's three launches but the tensors' addresses, the scale and
-    dropout's draw (kernels.launch); None while plans are off."""
-    env = switches()
-    if env is None:
-        return None
-    _, seed, offset = dropout
-    return (env, *(tensor_key(x) for x in (dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes)), causal,
-            tuple(window_size), softcap, dropout[0] > 0, seed < 2**31 and offset < 2**31)
-
-
 def _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout):
     pre, dq_launch, dkdv_launch = plan
-    p, seed, offset = dropout
     delta = torch.empty(lse_shape(q, False), dtype=torch.float32, device=q.device)
-    pre(Out=out, DOut=dout, Delta=delta, keep_rate=1.0 - float(p))
+    pre(Out=out, DOut=dout, Delta=delta, keep_rate=1.0 - float(dropout[0]))
     common = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, Alibi=alibi_slopes,
-                  qk_scale=softmax_scale * LOG2E.value, softmax_scale=softmax_scale, seed=seed, philox_offset=offset,
-                  dropout_p=float(p), rescale=1.0 / (1.0 - p))
+                  qk_scale=softmax_scale * LOG2E.value, softmax_scale=softmax_scale, **dropout_kwargs(dropout))
     dq_launch(DQ=dq, **common)
     dkdv_launch(DK=dk, DV=dv, **common)

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from ..layout import lse_shape
 from .config import autotuned, desc_block_setter, dot_precision, head_blocks, host_descriptors, seqlen_bucket, use_tma
-from .launch import Plans, switches, tensor_key
+from .launch import Plans, plan_key
 from .tile import (
     LOG2E,
     alibi_row_shift,
@@ -229,13 +229,13 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         return out, lse
     key = None
     if not varlen and softmax_scale > 0:
-        key = _plan_key(q, k, v, out, lse, causal, window_size, softcap, alibi_slopes, learnable_sink, dropout)
+        # what decides the launch but the tensors' addresses, the scale and dropout's draw
+        key = plan_key((q, k, v, out, lse, alibi_slopes, learnable_sink), dropout, causal, tuple(window_size),
+                       softcap)
         plan = _plans.get(key)
         if plan is not None:
-            p, seed, offset = dropout
             plan(Q=q, K=k, V=v, Out=out, Lse=lse, Alibi=alibi_slopes, Sinks=learnable_sink,
-                 qk_scale=softmax_scale * LOG2E.value, seed=seed, philox_offset=offset, dropout_p=float(p),
-                 rescale=1.0 / (1.0 - p), descriptors=dict(KDesc=k, VDesc=v))
+                 qk_scale=softmax_scale * LOG2E.value, **dropout_kwargs(dropout), descriptors=dict(KDesc=k, VDesc=v))
             return out, lse
     q, softmax_scale = positive_scale(q, softmax_scale)
     q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))
@@ -265,18 +265,6 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
 
 
 _plans = Plans()
-
-
-def _plan_key(q, k, v, out, lse, causal, window_size, softcap, alibi_slopes, learnable_sink, dropout):
-    """What decides a dense forward launch's binary and arguments but the tensors' addresses,
-    the scale and dropout's draw (kernels.launch); None while plans are off."""
-    env = switches()
-    if env is None:
-        return None
-    _, seed, offset = dropout
-    return (env, tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(out), tensor_key(lse),
-            tensor_key(alibi_slopes), tensor_key(learnable_sink), causal, tuple(window_size), softcap,
-            dropout[0] > 0, seed < 2**31 and offset < 2**31)
 
 
 def positive_scale(q, softmax_scale: float):
@@ -356,6 +344,11 @@ def dropout_args(dropout) -> tuple:
     """(seed, offset, dropout_p, 1 / (1 - dropout_p)) from (dropout_p, seed, offset)."""
     p, seed, offset = dropout
     return seed, offset, float(p), 1.0 / (1.0 - p)
+
+
+def dropout_kwargs(dropout) -> dict:
+    """dropout_args by the kernels' argument names, for a replayed launch (kernels.launch)."""
+    return dict(zip(("seed", "philox_offset", "dropout_p", "rescale"), dropout_args(dropout)))
 
 
 def alibi_batch_stride(alibi_slopes) -> int:

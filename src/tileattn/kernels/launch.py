@@ -22,6 +22,7 @@ never under the interpreter; ``TILEATTN_REPLAY=0`` turns it off.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,17 +40,34 @@ _VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _MAX_PLANS = 512  # per launcher; shapes that never repeat just start over
 
 
+@functools.lru_cache(maxsize=None)
+def _replayable() -> bool:
+    """Whether this process can replay at all (fixed once Triton is imported)."""
+    from .config import interpreting  # config imports this module
+
+    return _VERSION in _MIRRORED and knobs is not None and not interpreting()
+
+
 def switches() -> tuple:
     """The current device and the environment switches a launcher reads per call, as part of a
     plan key, or None when plans are off (an older or newer Triton, the interpreter,
     TILEATTN_REPLAY=0)."""
-    from .config import interpreting
-
     env = os.environ
-    if _VERSION not in _MIRRORED or knobs is None or interpreting() or env.get("TILEATTN_REPLAY", "1") == "0":
+    if not _replayable() or env.get("TILEATTN_REPLAY", "1") == "0":
         return None
     return (torch.cuda.current_device(), env.get("TILEATTN_TMA"), env.get("TILEATTN_PDL"),
             env.get("TILEATTN_AUTOTUNE"))
+
+
+def plan_key(tensors: tuple, dropout, *settings):
+    """A launcher's plan key: switches(), each tensor's tensor_key, whether dropout is on and
+    its seed and offset fit the 32-bit ints the binaries take them as (they are not specialized
+    on otherwise), and the launcher's other settings; None while plans are off."""
+    env = switches()
+    if env is None:
+        return None
+    p, seed, offset = dropout
+    return env, *map(tensor_key, tensors), p > 0, seed < 2**31 and offset < 2**31, *settings
 
 
 def tensor_key(t: torch.Tensor | None):

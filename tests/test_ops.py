@@ -27,6 +27,19 @@ def test_lse_carries_no_gradient(backend):
     assert out.requires_grad and not lse.requires_grad
 
 
+def test_eager_backward_gets_no_materialized_lse_gradient(backend, monkeypatch):
+    """A zero LSE gradient would be one more fill launch per backward: host time eager training
+    steps feel. Using the LSE in the loss changes nothing (it is non-differentiable)."""
+    seen = []
+    backward = ops._backward
+    monkeypatch.setattr(ops, "_backward", lambda ctx, dout, dlse, **kw: seen.append(dlse) or backward(ctx, dout, dlse,
+                                                                                                    **kw))
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 7, 7, 2, 1, 8))
+    out, lse, _ = tileattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    (out.sum() + lse.sum()).backward()
+    assert seen == [None] and q.grad is not None
+
+
 def test_compile_fullgraph(backend):
     def block(q, k, v, w):
         return (tileattn.flash_attn_func(q @ w, k, v, causal=True) * 2).sum()

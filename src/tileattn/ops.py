@@ -185,6 +185,9 @@ class _EagerAttention(torch.autograd.Function):
         args = (q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, alibi_slopes, learnable_sink)
         output = _fwd(*args)
         _setup_context(ctx, args, output)
+        # the LSE is non-differentiable: its zero gradient would cost a fill launch per call, and
+        # a backward call always has the output's (its only differentiable output)
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod

@@ -21,9 +21,9 @@ class _Compiled:
 
     function, packed_metadata = "function", "packed"
 
-    def __init__(self, scratch=0):
+    def __init__(self, scratch=0, profile_scratch=0):
         self.calls = []
-        self.metadata = type("Meta", (), {"global_scratch_size": scratch, "profile_scratch_size": 0})()
+        self.metadata = type("Meta", (), {"global_scratch_size": scratch, "profile_scratch_size": profile_scratch})()
 
     def launch_metadata(self, grid, stream, *values):
         return None
@@ -71,11 +71,31 @@ def test_a_recorded_launch_keeps_no_tensor_alive_and_wants_each_one_again(fake_s
     assert compiled.calls[0][9] is y
 
 
-def test_launches_that_need_scratch_memory_or_miss_an_argument_are_not_recorded():
+def test_launches_with_profiler_scratch_or_a_missing_argument_are_not_recorded():
     names = ["X", "n"]
-    assert launch.Recorded.of(_Compiled(scratch=128), (1,), names, dict(X=1, n=2)) is None
+    assert launch.Recorded.of(_Compiled(profile_scratch=64), (1,), names, dict(X=1, n=2)) is None
     assert launch.Recorded.of(_Compiled(), (1,), names, dict(X=1)) is None
     assert launch.Recorded.of(None, (1,), names, dict(X=1, n=2)) is None
+
+
+def test_a_launch_with_device_made_descriptors_sets_the_threads_allocator_before_each_replay(fake_stream,
+                                                                                            monkeypatch):
+    from tileattn.kernels import config
+
+    # Triton's launcher takes the scratch those descriptors live in from the calling thread's
+    # allocator, which a new thread (autograd's backward) starts without
+    order = []
+    monkeypatch.setattr(config, "ensure_allocator", lambda: order.append("allocator"))
+    compiled = _Compiled(scratch=128)
+    compiled.run = lambda *args: order.append("launch")
+    recorded = launch.Recorded.of(compiled, (1,), ["X"], dict(X=1))
+    recorded(X=2)
+    recorded(X=3)
+    assert order == ["allocator", "launch"] * 2
+    plain = launch.Recorded.of(_Compiled(), (1,), ["X"], dict(X=1))
+    order.clear()
+    plain(X=2)
+    assert order == []
 
 
 def test_a_host_descriptor_moves_to_the_new_tensor_keeping_its_block(fake_stream):
@@ -111,6 +131,21 @@ def test_plan_keys_tell_apart_what_triton_specializes_on(monkeypatch):
     assert key(q, dropout=(0.1, 3, 4)) != base
     assert key(q, dropout=(0.1, 3, 4)) == key(q, dropout=(0.1, 5, 6))  # seeds are not specialized on
     assert key(q, dropout=(0.1, 2**31, 0)) != key(q, dropout=(0.1, 5, 6))  # but 64-bit ones would be
+
+
+def test_packed_plan_keys_tell_apart_the_sequence_count_and_longest_lengths(monkeypatch):
+    monkeypatch.setattr(launch, "switches", lambda: ("on",))
+    q = torch.randn(100, 4, 32, dtype=torch.float16)
+    lse = torch.empty(4, 100)
+
+    def key(cu, max_q=60, max_k=60):
+        return launch.plan_key((q, q, q, q, lse, None, None, cu, cu), (0.0, 0, 0), True, (-1, -1), 0.0, max_q, max_k)
+
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32)
+    base = key(cu)
+    assert key(torch.tensor([0, 60, 100], dtype=torch.int32)) == base  # other boundaries, same grid
+    assert key(torch.tensor([0, 30, 60, 100], dtype=torch.int32)) != base  # one sequence more
+    assert key(cu, max_q=70) != base and key(cu, max_k=70) != base  # the grid, the key loop
 
 
 def test_no_plans_under_the_interpreter_or_when_switched_off(monkeypatch):
@@ -150,6 +185,37 @@ def test_replayed_calls_match_triton_launches_bit_for_bit(case, monkeypatch):
     fwd_module._plans.clear()
     bwd_module._plans.clear()
     results = [run() for _ in range(3)]  # the first records, the others replay
+    assert len(fwd_module._plans) == 1 and len(bwd_module._plans) == 1
+    for got in results:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not GPU, reason="replays Triton's launches on a CUDA GPU")
+@pytest.mark.parametrize("d", [128, 64], ids=["d128-device-descriptors", "d64-gqa"])
+def test_replayed_packed_calls_match_triton_launches_bit_for_bit(d, monkeypatch):
+    from tileattn import flash_attn_varlen_func
+
+    torch.manual_seed(0)
+    lengths = [113, 1, 239, 64]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    heads_kv = 4 if d == 128 else 2
+    q = torch.randn(sum(lengths), 4, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lengths), heads_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def run():
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = flash_attn_varlen_func(qq, kk, vv, cu, cu, max(lengths), max(lengths), causal=True)
+        out.backward(dout)
+        return [out, qq.grad, kk.grad, vv.grad]
+
+    monkeypatch.setenv("TILEATTN_REPLAY", "0")
+    expected = run()
+    monkeypatch.setenv("TILEATTN_REPLAY", "1")
+    fwd_module._plans.clear()
+    bwd_module._plans.clear()
+    results = [run() for _ in range(3)]
     assert len(fwd_module._plans) == 1 and len(bwd_module._plans) == 1
     for got in results:
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):

@@ -420,15 +420,14 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if q.numel() + k.numel() == 0:
         return dq, dk, dv
-    key = None
-    if not varlen:
-        # what decides the three launches but the tensors' addresses, the scale and dropout's draw
-        key = plan_key((dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes), dropout, causal, tuple(window_size),
-                       softcap)
-        plan = _plans.get(key)
-        if plan is not None:
-            _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout)
-            return dq, dk, dv
+    # what decides the three launches but the tensors' addresses, the scale and dropout's draw
+    key = plan_key((dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k), dropout, causal,
+                   tuple(window_size), softcap, max_seqlen_q, max_seqlen_k)
+    plan = _plans.get(key)
+    if plan is not None:
+        _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, alibi_slopes,
+                dropout)
+        return dq, dk, dv
     q4, k4, v4, o4, do4, dq4, dk4, dv4, l3 = (x.unsqueeze(0) if varlen else x
                                               for x in (q, k, v, out, dout, dq, dk, dv, lse))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -472,11 +471,13 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, cu_seq
 _plans = Plans()
 
 
-def _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, alibi_slopes, dropout):
+def _replay(plan, dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, alibi_slopes,
+            dropout):
     pre, dq_launch, dkdv_launch = plan
-    delta = torch.empty(lse_shape(q, False), dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
     pre(Out=out, DOut=dout, Delta=delta, keep_rate=1.0 - float(dropout[0]))
-    common = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, Alibi=alibi_slopes,
-                  qk_scale=softmax_scale * LOG2E.value, softmax_scale=softmax_scale, **dropout_kwargs(dropout))
+    common = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k,
+                  Alibi=alibi_slopes, qk_scale=softmax_scale * LOG2E.value, softmax_scale=softmax_scale,
+                  **dropout_kwargs(dropout))
     dq_launch(DQ=dq, **common)
     dkdv_launch(DK=dk, DV=dv, **common)

@@ -160,7 +160,7 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
             return False
     if not interpreting():
-        _ensure_allocator()
+        ensure_allocator()
     return True
 
 
@@ -207,7 +207,7 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Device-made descriptors live in scratch memory that Triton asks an allocator for. The
     allocator is a context variable (unset in new threads, e.g. autograd's), so check per call;
     one the user set stays."""

@@ -228,14 +228,16 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
     if out.numel() == 0:
         return out, lse
     key = None
-    if not varlen and softmax_scale > 0:
-        # what decides the launch but the tensors' addresses, the scale and dropout's draw
-        key = plan_key((q, k, v, out, lse, alibi_slopes, learnable_sink), dropout, causal, tuple(window_size),
-                       softcap)
+    if softmax_scale > 0:
+        # what decides the launch but the tensors' addresses, the scale and dropout's draw (a
+        # packed batch's sequence count is cu_seqlens' shape; its longest lengths set the grid)
+        key = plan_key((q, k, v, out, lse, alibi_slopes, learnable_sink, cu_seqlens_q, cu_seqlens_k), dropout, causal,
+                       tuple(window_size), softcap, max_seqlen_q, max_seqlen_k)
         plan = _plans.get(key)
         if plan is not None:
-            plan(Q=q, K=k, V=v, Out=out, Lse=lse, Alibi=alibi_slopes, Sinks=learnable_sink,
-                 qk_scale=softmax_scale * LOG2E.value, **dropout_kwargs(dropout), descriptors=dict(KDesc=k, VDesc=v))
+            plan(Q=q, K=k, V=v, Out=out, Lse=lse, CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Alibi=alibi_slopes,
+                 Sinks=learnable_sink, qk_scale=softmax_scale * LOG2E.value, **dropout_kwargs(dropout),
+                 descriptors=dict(KDesc=k, VDesc=v))
             return out, lse
     q, softmax_scale = positive_scale(q, softmax_scale)
     q4, k4, v4, o4, l3 = (x.unsqueeze(0) if varlen else x for x in (q, k, v, out, lse))

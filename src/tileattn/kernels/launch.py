@@ -94,10 +94,11 @@ class Recorded:
     activations it was made with): every tensor argument and host descriptor must be given
     again on each replay, or it raises rather than launch on a null pointer."""
 
-    __slots__ = ("_kernel", "_grid", "_values", "_slots", "_descriptors", "_tensors")
+    __slots__ = ("_kernel", "_grid", "_values", "_slots", "_descriptors", "_tensors", "_scratch")
 
-    def __init__(self, compiled, grid: tuple, values: list, names: list):
+    def __init__(self, compiled, grid: tuple, values: list, names: list, scratch: bool = False):
         self._kernel = compiled
+        self._scratch = scratch
         self._grid = tuple(grid) + (1,) * (3 - len(grid))
         self._slots = {name: i for i, name in enumerate(names)}
         # host TMA descriptors: replayed as a copy over the new tensor (same shape, strides, block)
@@ -112,12 +113,12 @@ class Recorded:
         if compiled is None or not all(hasattr(compiled, n) for n in needed) or any(n not in bound for n in names):
             return None
         meta = compiled.metadata
-        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
-            return None  # device-made descriptors: scratch from an allocator set per thread
+        if getattr(meta, "profile_scratch_size", 0):
+            return None  # Triton's instrumentation: its own allocator, not ours
         values = [bound[n] for n in names]
         if callable(grid):
             grid = grid(dict(bound))
-        return Recorded(compiled, grid, values, names)
+        return Recorded(compiled, grid, values, names, scratch=getattr(meta, "global_scratch_size", 0) > 0)
 
     def __call__(self, descriptors: dict | None = None, **changes) -> None:
         """Launch again with the named arguments replaced; descriptors (name -> tensor) moves
@@ -132,6 +133,12 @@ class Recorded:
         if not self._tensors <= changes.keys():
             raise ValueError(f"a replayed launch needs every tensor argument: {sorted(self._tensors - changes.keys())} "
                              "missing")
+        if self._scratch:
+            # device-made descriptors: the binary's launcher asks the calling thread's allocator
+            # for scratch memory, unset in a new thread (autograd's backward runs in its own)
+            from .config import ensure_allocator
+
+            ensure_allocator()
         kernel = self._kernel
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         hooks = knobs.runtime

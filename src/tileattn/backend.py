@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .environment import env
 
 _CHOICES = ("auto", "triton", "torch")
 
@@ -15,12 +15,12 @@ def backend_name(device: torch.device) -> str:
     ``TILEATTN_BACKEND=triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before
     importing tileattn): that is how the tests run the kernels without a GPU.
     """
-    choice = os.environ.get("TILEATTN_BACKEND", "auto").lower()
+    choice = env("TILEATTN_BACKEND", "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"TILEATTN_BACKEND must be one of {_CHOICES}, got {choice!r}")
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if choice == "triton" and device.type != "cuda" and env("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"TILEATTN_BACKEND=triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 "
             "set before importing tileattn"

@@ -8,7 +8,6 @@ the interpreter, so one small, deliberately non-square shape is used there;
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -16,6 +15,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..dropout import KEY_GROUP
+from ..environment import env
 from .launch import Recorded
 
 try:  # programmatic dependent launch's device side; absent from older Tritons (then PDL is off)
@@ -96,7 +96,7 @@ _INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 def autotuning() -> bool:
     """Whether launch choices are timed on the GPU (off under the interpreter and with
     TILEATTN_AUTOTUNE=0, which take the first config: reproducible, no tuning pause)."""
-    return not interpreting() and os.environ.get("TILEATTN_AUTOTUNE", "1") != "0"
+    return not interpreting() and env("TILEATTN_AUTOTUNE", "1") != "0"
 
 
 def head_block(head_dim: int) -> int:
@@ -149,7 +149,7 @@ def use_tma(blocks: dict, *tensors: torch.Tensor) -> bool:
     strides. On the H100 it paid at head dim 128 (forward +1-14%) and not at 64 or 80 (-5..+7%),
     so the GPU takes it for 128-wide head tiles only; the interpreter takes it wherever it is
     allowed, so the CPU tests cover the path. TILEATTN_TMA=0 turns it off."""
-    if os.environ.get("TILEATTN_TMA", "1") == "0" or not hasattr(triton.language, "make_tensor_descriptor"):
+    if env("TILEATTN_TMA", "1") == "0" or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
     if not interpreting():
         x = tensors[0]
@@ -194,7 +194,7 @@ def use_pdl(device: torch.device) -> bool:
     to 2.77 TB/s, 1 x 2.3k keys of Phi-2 from 2.32 to 2.51, and the d128 causal 4 x 4k backward
     from 351 to 368 TFLOP/s (BENCHMARKS.md). TILEATTN_PDL=0 turns it off; never under the
     interpreter."""
-    return os.environ.get("TILEATTN_PDL", "1") != "0" and gdc_wait is not None and not interpreting() and \
+    return env("TILEATTN_PDL", "1") != "0" and gdc_wait is not None and not interpreting() and \
         _hopper(device)
 
 

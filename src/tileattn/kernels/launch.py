@@ -23,10 +23,11 @@ never under the interpreter; ``TILEATTN_REPLAY=0`` turns it off.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
+
+from ..environment import env
 
 try:  # launch hooks (profilers) ride along as Triton's launch passes them; absent before 3.4
     from triton import knobs
@@ -52,22 +53,20 @@ def switches() -> tuple:
     """The current device and the environment switches a launcher reads per call, as part of a
     plan key, or None when plans are off (an older or newer Triton, the interpreter,
     TILEATTN_REPLAY=0)."""
-    env = os.environ
-    if not _replayable() or env.get("TILEATTN_REPLAY", "1") == "0":
+    if not _replayable() or env("TILEATTN_REPLAY", "1") == "0":
         return None
-    return (torch.cuda.current_device(), env.get("TILEATTN_TMA"), env.get("TILEATTN_PDL"),
-            env.get("TILEATTN_AUTOTUNE"))
+    return torch.cuda.current_device(), env("TILEATTN_TMA"), env("TILEATTN_PDL"), env("TILEATTN_AUTOTUNE")
 
 
 def plan_key(tensors: tuple, dropout, *settings):
     """A launcher's plan key: switches(), each tensor's tensor_key, whether dropout is on and
     its seed and offset fit the 32-bit ints the binaries take them as (they are not specialized
     on otherwise), and the launcher's other settings; None while plans are off."""
-    env = switches()
-    if env is None:
+    toggles = switches()
+    if toggles is None:
         return None
     p, seed, offset = dropout
-    return env, *map(tensor_key, tensors), p > 0, seed < 2**31 and offset < 2**31, *settings
+    return toggles, *map(tensor_key, tensors), p > 0, seed < 2**31 and offset < 2**31, *settings
 
 
 def tensor_key(t: torch.Tensor | None):

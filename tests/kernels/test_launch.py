@@ -157,6 +157,28 @@ def test_no_plans_under_the_interpreter_or_when_switched_off(monkeypatch):
     assert launch.switches() is None
 
 
+def _assert_replays_match_triton_launches(attention, inputs, dout, monkeypatch):
+    """attention(q, k, v) -> out, forward and backward, run with plans off, then three times with
+    them on (the first call records, the others replay): out, dq, dk, dv equal bit for bit."""
+    def run():
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        torch.manual_seed(1)  # the same dropout draw every time
+        out = attention(*leaves)
+        out.backward(dout)
+        return [out, *(x.grad for x in leaves)]
+
+    monkeypatch.setenv("TILEATTN_REPLAY", "0")
+    expected = run()
+    monkeypatch.setenv("TILEATTN_REPLAY", "1")
+    fwd_module._plans.clear()
+    bwd_module._plans.clear()
+    results = [run() for _ in range(3)]
+    assert len(fwd_module._plans) == 1 and len(bwd_module._plans) == 1
+    for got in results:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not GPU, reason="replays Triton's launches on a CUDA GPU")
 @pytest.mark.parametrize("case", ["d128-causal-bf16", "d80-gqa-fp16", "d64-dropout-alibi-sinks"])
 def test_replayed_calls_match_triton_launches_bit_for_bit(case, monkeypatch):
@@ -170,25 +192,9 @@ def test_replayed_calls_match_triton_launches_bit_for_bit(case, monkeypatch):
     torch.manual_seed(0)
     q = torch.randn(2, 239, 4, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(2, 113, heads_kv, d, device="cuda", dtype=dtype) for _ in range(2))
-    dout = torch.randn_like(q)
-
-    def run():
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        torch.manual_seed(1)
-        out = flash_attn_func(qq, kk, vv, causal="causal" in case or "dropout" in case, **extra)
-        out.backward(dout)
-        return [out, qq.grad, kk.grad, vv.grad]
-
-    monkeypatch.setenv("TILEATTN_REPLAY", "0")
-    expected = run()
-    monkeypatch.setenv("TILEATTN_REPLAY", "1")
-    fwd_module._plans.clear()
-    bwd_module._plans.clear()
-    results = [run() for _ in range(3)]  # the first records, the others replay
-    assert len(fwd_module._plans) == 1 and len(bwd_module._plans) == 1
-    for got in results:
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
-            assert torch.equal(a, b), name
+    causal = "causal" in case or "dropout" in case
+    _assert_replays_match_triton_launches(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **extra), (q, k, v),
+                                          torch.randn_like(q), monkeypatch)
 
 
 @pytest.mark.skipif(not GPU, reason="replays Triton's launches on a CUDA GPU")
@@ -202,21 +208,7 @@ def test_replayed_packed_calls_match_triton_launches_bit_for_bit(d, monkeypatch)
     heads_kv = 4 if d == 128 else 2
     q = torch.randn(sum(lengths), 4, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(sum(lengths), heads_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    dout = torch.randn_like(q)
-
-    def run():
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        out = flash_attn_varlen_func(qq, kk, vv, cu, cu, max(lengths), max(lengths), causal=True)
-        out.backward(dout)
-        return [out, qq.grad, kk.grad, vv.grad]
-
-    monkeypatch.setenv("TILEATTN_REPLAY", "0")
-    expected = run()
-    monkeypatch.setenv("TILEATTN_REPLAY", "1")
-    fwd_module._plans.clear()
-    bwd_module._plans.clear()
-    results = [run() for _ in range(3)]
-    assert len(fwd_module._plans) == 1 and len(bwd_module._plans) == 1
-    for got in results:
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
-            assert torch.equal(a, b), name
+    longest = max(lengths)
+    _assert_replays_match_triton_launches(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True), (q, k, v),
+        torch.randn_like(q), monkeypatch)

@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..dropout import KEY_GROUP
 from ..environment import env
-from .launch import Recorded
+from .launch import recorded_call
 
 try:  # programmatic dependent launch's device side; absent from older Tritons (then PDL is off)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -351,6 +351,6 @@ def autotuned(kernel, kind: str, prepare=None, select=None):
             compiled = launch(grid, args, kwargs)  # kwargs now hold the config's meta-parameters
             if tuning or interpreting():
                 return None
-            return Recorded.of(compiled, grid, kernel.arg_names, {**dict(zip(kernel.arg_names, args)), **kwargs})
+            return recorded_call(compiled, grid, kernel, args, kwargs)
 
     return _Launcher()

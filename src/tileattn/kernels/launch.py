@@ -158,6 +158,11 @@ def launch_recorded(record: bool, kernel, grid, *args, **kwargs) -> Recorded | N
     compiled = kernel[grid](*args, **kwargs)
     if not record or interpreting():
         return None
+    return recorded_call(compiled, grid, kernel, args, kwargs)
+
+
+def recorded_call(compiled, grid, kernel, args: tuple, kwargs: dict) -> Recorded | None:
+    """Recorded.of for a finished ``kernel[grid](*args, **kwargs)``, its arguments bound by name."""
     return Recorded.of(compiled, grid, kernel.arg_names, {**dict(zip(kernel.arg_names, args)), **kwargs})
 
 

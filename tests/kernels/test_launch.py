@@ -26,7 +26,7 @@ class _Compiled:
         self.metadata = type("Meta", (), {"global_scratch_size": scratch, "profile_scratch_size": profile_scratch})()
 
     def launch_metadata(self, grid, stream, *values):
-        return None
+        return ("meta", grid, stream) + values
 
     def run(self, *args):
         self.calls.append(args)
@@ -47,9 +47,31 @@ def test_a_recorded_launch_replays_with_the_named_arguments_replaced(fake_stream
     recorded(X="x1", scale=0.25)
     recorded(X="x2")
     # grid (n // BLOCK programs), stream, binary, its metadata, launch metadata, then Triton's
-    # launch enter and exit hooks, then every argument in signature order
-    assert [call[:7] for call in compiled.calls] == [(4, 1, 1, 7, "function", "packed", None)] * 2
+    # launch enter and exit hooks (none set: skipped, with the metadata only they read), then
+    # every argument in signature order
+    assert [call[:9] for call in compiled.calls] == [(4, 1, 1, 7, "function", "packed", None, None, None)] * 2
     assert [call[9:] for call in compiled.calls] == [("x1", 64, 0.25, 16), ("x2", 64, 0.5, 16)]
+
+
+def test_a_recorded_launch_calls_the_launch_hooks_a_profiler_set(fake_stream):
+    from triton import knobs
+
+    compiled = _Compiled()
+    recorded = launch.Recorded.of(compiled, (2,), ["X"], dict(X="x0"))
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_exit_hook.add(hook)
+    try:
+        recorded(X="x1")
+    finally:
+        knobs.runtime.launch_exit_hook.remove(hook)
+    recorded(X="x2")
+    with_hook, without = compiled.calls
+    assert with_hook[6:9] == (("meta", (2, 1, 1), 7, "x1"), knobs.runtime.launch_enter_hook,
+                              knobs.runtime.launch_exit_hook)
+    assert without[6:9] == (None, None, None)
 
 
 def test_a_recorded_launch_keeps_no_tensor_alive_and_wants_each_one_again(fake_stream):

@@ -272,14 +272,16 @@ def _probed_phi():
 
 def _recording_gemv(monkeypatch) -> list:
     """Record each GEMV as (rows,), plus (activation, from) where one is applied, plus ("+",
-    second operand's shape) where a second product is summed in."""
+    second operand's shape) where a second product is summed in, plus "ready" where x is said to
+    be written before the kernel ahead of the GEMV."""
     calls = []
     real = projections.gemv
 
-    def recording(x, weight, bias, activation="", activation_from=0, x2=None, weight2=None, bias2=None):
+    def recording(x, weight, bias, activation="", activation_from=0, x2=None, weight2=None, bias2=None,
+                  x_ready=False):
         calls.append((weight.shape[0],) + ((activation, activation_from) if activation else ()) +
-                     (("+", tuple(weight2.shape)) if weight2 is not None else ()))
-        return real(x, weight, bias, activation, activation_from, x2, weight2, bias2)
+                     (("+", tuple(weight2.shape)) if weight2 is not None else ()) + (("ready",) if x_ready else ()))
+        return real(x, weight, bias, activation, activation_from, x2, weight2, bias2, x_ready)
 
     monkeypatch.setattr(projections, "gemv", recording)
     return calls
@@ -290,7 +292,8 @@ def test_parallel_layers_read_qkv_and_the_mlp_up_projection_in_one_gemv(monkeypa
     its fc1 joined to the q/k/v group: one GEMV, GELU on fc1's rows only; and, as the layer adds
     them, its dense (the attention's output projection) and fc2 are one two-operand GEMV. With
     the MLP forked to the side stream (tileattn.overlap), fc1, dense and fc2 are products of
-    their own and q/k/v one without fc1."""
+    their own and q/k/v one without fc1. Only fc2's input from the joined GEMV is passed as
+    ready (written before the attention's kernels)."""
     from tileattn import overlap
 
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
@@ -304,7 +307,9 @@ def test_parallel_layers_read_qkv_and_the_mlp_up_projection_in_one_gemv(monkeypa
     assert group.modules == [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.fc1]
     assert layer.mlp.fc1.weight.data_ptr() == group.weight[3 * hidden:].data_ptr()
     assert blocks[0].summed == (layer.self_attn.dense, layer.mlp.fc2)
-    assert calls == [(3 * hidden + inner, "gelu_tanh", 3 * hidden), (hidden, "+", (hidden, hidden))] * layers + [(96,)]
+    assert calls == [(3 * hidden + inner, "gelu_tanh", 3 * hidden), (hidden, "+", (hidden, hidden), "ready")] * \
+        layers + [(96,)]
+    assert all(block.attention.q_proj._tileattn_group[0].handed is None for block in blocks)  # taken
     assert (got.double() - want).abs().max() <= 0.05 * want.abs().max()
 
     calls.clear()
@@ -337,11 +342,12 @@ def test_summed_projections_trace_into_one_graph_with_the_eager_result(monkeypat
     model, ids, want, _ = _probed_phi()
     with torch.no_grad(), projections.fused(model):
         eager = model(input_ids=ids).logits
-    seconds = []
+    seconds, readies = [], []
 
     def backend(gm, example_inputs):
-        seconds.extend(len(node.args) > 6 and node.args[6] is not None for node in gm.graph.nodes
-                       if node.target is torch.ops.tileattn.gemv.default)
+        nodes = [node for node in gm.graph.nodes if node.target is torch.ops.tileattn.gemv.default]
+        seconds.extend(len(node.args) > 6 and node.args[6] is not None for node in nodes)
+        readies.extend(len(node.args) > 8 and node.args[8] is True for node in nodes)
         return gm
 
     torch._dynamo.reset()
@@ -349,6 +355,7 @@ def test_summed_projections_trace_into_one_graph_with_the_eager_result(monkeypat
     with torch.no_grad(), projections.fused(model):
         torch.testing.assert_close(compiled(ids), eager, rtol=0, atol=0)
     assert seconds.count(True) == model.config.num_hidden_layers
+    assert readies == seconds  # the identity check that marks fc2's input ready holds under dynamo too
 
     summed = model.model.layers[0].mlp.fc2._tileattn_sum
     a = torch.randn(1, 1, model.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)

@@ -249,12 +249,13 @@ def _(q, k_cache, v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_tabl
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
          activation_from: int = 0, x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
-         bias2: torch.Tensor | None = None) -> torch.Tensor:
+         bias2: torch.Tensor | None = None, x_ready: bool = False) -> torch.Tensor:
     """The tileattn::gemv op (one-row ``F.linear`` as a Triton GEMV, plus a second one-row
     product summed in where x2 and weight2 are given, then an optional activation on the outputs
-    from ``activation_from`` on: see tileattn.kernels.gemv), called directly where nothing needs
-    the dispatcher. Inference only: it has no backward."""
-    args = (x, weight, bias, activation, activation_from, x2, weight2, bias2)
+    from ``activation_from`` on; ``x_ready``: x was written before the previous kernel, see
+    tileattn.kernels.gemv), called directly where nothing needs the dispatcher. Inference only:
+    it has no backward."""
+    args = (x, weight, bias, activation, activation_from, x2, weight2, bias2, x_ready)
     if _direct(x, weight, bias, x2, weight2, bias2):
         return _gemv(*args)
     return gemv_op(*args)
@@ -262,16 +263,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activ
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
           activation_from: int = 0, x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
-          bias2: torch.Tensor | None = None) -> torch.Tensor:
+          bias2: torch.Tensor | None = None, x_ready: bool = False) -> torch.Tensor:
     from .kernels.gemv import gemv as kernel  # triton only where a GEMV runs
 
     return kernel(x, weight, bias, activation=activation, activation_from=activation_from, x2=x2, weight2=weight2,
-                  bias2=bias2)
+                  bias2=bias2, x_ready=x_ready)
 
 
 gemv_op = torch.library.custom_op("tileattn::gemv", _gemv, mutates_args=())
 
 
 @gemv_op.register_fake
-def _(x, weight, bias, activation="", activation_from=0, x2=None, weight2=None, bias2=None):
+def _(x, weight, bias, activation="", activation_from=0, x2=None, weight2=None, bias2=None, x_ready=False):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))

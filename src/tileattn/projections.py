@@ -76,6 +76,7 @@ class _Group:
             lo += m.out_features
         self.weight = self.bias = None
         self.input = self.output = None
+        self.handed = None  # joined: the activated rows handed to the MLP, until the layer's _Sum takes them
         self.remaining = 0
         self.repoint()
 
@@ -126,6 +127,8 @@ class _Group:
         out = self.output[..., lo:hi]
         if joined and index == last:  # activated by the GEMV: the activation module passes it through
             self.modules[last]._tileattn_activation.pending = out
+            if self.block.summed is not None:
+                self.handed = out
         self.remaining -= 1
         if self.remaining == 0:  # every member served: drop the references
             self.input = self.output = None
@@ -140,7 +143,9 @@ class _Sum:
     output projection alone read ~2.0 TB/s on an H100, its 2560 x 10240 fc2 2.7 (a 16k step's
     window 4246 -> 4201 us in one profile; steady steps moved less than their spread). Where
     the MLP runs on the side stream (tileattn.overlap) it comes first: each is its own product
-    there."""
+    there. The MLP's activation, where the joined q/k/v + up GEMV made it, was written before the
+    attention's kernels: the two-operand GEMV reads it before waiting for the kernel ahead.
+    """
 
     def __init__(self, block, out_proj: nn.Linear, down: nn.Linear):
         self.block, self.out_proj, self.down = block, out_proj, down
@@ -156,11 +161,17 @@ class _Sum:
             self.input = x
             return x.new_zeros(x.shape[:-1] + (o.out_features,))
         a, self.input = self.input, None
+        group = _joined_group(self.block)
+        # x straight from the q/k/v + up GEMV: written before the attention that wrote a, so the
+        # GEMV may read it before waiting for the kernel ahead of it (tileattn.kernels.gemv)
+        ready = group is not None and group.handed is x
+        if group is not None:
+            group.handed = None
         if a is None:
             return _product_of(m, x)
         if not _gemv_fits(x, m.weight):  # an input the GEMV cannot take: the deferred product still owed
             return linear(a, o.weight, o.bias) + linear(x, m.weight, m.bias)
-        return gemv(x, m.weight, m.bias, "", 0, a, o.weight, o.bias)
+        return gemv(x, m.weight, m.bias, "", 0, a, o.weight, o.bias, ready)
 
     def __getstate__(self):
         return self.__dict__ | {"input": None}
@@ -322,13 +333,24 @@ def _parallel_blocks(model: nn.Module):
             yield block
 
 
+def _qkv_group(block):
+    """The _Group of a parallel layer's attention's q/k/v projections, or None."""
+    return getattr(getattr(block.attention, "q_proj", None), "_tileattn_group", (None, None))[0]
+
+
+def _joined_group(block):
+    """That group where ``_join_parallel`` joined the MLP's up projection to it, else None."""
+    group = _qkv_group(block)
+    return group if group is not None and group.block is block else None
+
+
 def _join_parallel(model: nn.Module):
     """Join each parallel layer's MLP up projection to its attention's q/k/v group: both read
     the one normalized input (tileattn.overlap's probe found the layer and installed its Block
     on both modules), so one GEMV reads all four matrices. Phi-2 at 16k on an H100: q/k/v took
     15.8 us (2.5 TB/s) and fc1 18.9 us as two products."""
     for block in _parallel_blocks(model):
-        group = getattr(getattr(block.attention, "q_proj", None), "_tileattn_group", (None, None))[0]
+        group = _qkv_group(block)
         ups = [getattr(block.mlp, names[0], None) for names in MLPS]
         up = next((u for u in ups if getattr(u, "_tileattn_activation", None) is not None), None)
         if group is None or group.block is not None or up is None or getattr(up, "_tileattn_group", None) or \
@@ -429,7 +451,7 @@ def fused(model: nn.Module):
         if group[1] == 0:
             if not group[0].aliased():
                 group[0].repoint()
-            group[0].input = group[0].output = None
+            group[0].input = group[0].output = group[0].handed = None
         summed = m.__dict__.get("_tileattn_sum")
         if summed is not None:
             summed.input = None

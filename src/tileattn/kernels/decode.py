@@ -250,6 +250,11 @@ def _combine_kernel(
     row per program; splits that saw no key carry lse_s = -inf and weigh 0."""
     if PDL:
         gdc_wait()
+        # a few tens of programs: the next kernel (an output projection's GEMV) may take the
+        # other SMs now and stream what it can read before its own wait. Past this one's wait,
+        # as in every tileattn kernel: such early reads rely on the kernels before this having
+        # finished (tileattn.kernels.gemv's x_ready)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // seqlen_q).to(tl.int64)
     m = (pid % seqlen_q).to(tl.int64)

@@ -60,18 +60,20 @@ def _activate(y, ACTIVATION: tl.constexpr):
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, n, k, stride_wn, act_from, X2, W2, Bias2, k2, stride_w2n, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS2: tl.constexpr,
-                 ACTIVATION: tl.constexpr, PDL: tl.constexpr):
+                 ACTIVATION: tl.constexpr, X_READY: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < n
     w_rows = W + rows[:, None].to(tl.int64) * stride_wn  # int64: a vocabulary projection passes 2**31 elements
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     first = 0
-    if PDL:  # the first chunk's weights load while the previous kernel drains
+    if PDL and not X_READY:  # the first chunk's weights load while the previous kernel drains
         acc = _chunk(acc, w_rows, X, in_n, 0, k, BLOCK_K, True)
         first = BLOCK_K
     for start in range(first, k, BLOCK_K):
         acc = _chunk(acc, w_rows, X, in_n, start, k, BLOCK_K, False)
-    if SECOND:  # after the wait above (with PDL): x2 comes from the kernels before this one too
+    if PDL and X_READY:  # x was complete before this grid started: only x2, bias and y wait
+        gdc_wait()
+    if SECOND:  # after the wait (with PDL): x2 comes from the kernels before this one too
         w2_rows = W2 + rows[:, None].to(tl.int64) * stride_w2n
         for start in range(0, k2, BLOCK_K):
             acc = _chunk(acc, w2_rows, X2, in_n, start, k2, BLOCK_K, False)
@@ -131,16 +133,31 @@ def _check_operand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"{b_name} must be a contiguous ({n},) vector, got shape {tuple(bias.shape)}")
 
 
+_joined = None  # (device, first byte, end) of the latest product activated from a row > 0: see x_ready
+
+
+def _span(t: torch.Tensor) -> tuple:
+    return t.device, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, activation: str = "", activation_from: int = 0,
          x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
-         bias2: torch.Tensor | None = None) -> torch.Tensor:
+         bias2: torch.Tensor | None = None, x_ready: bool = False) -> torch.Tensor:
     """x (..., K) holding one row, weight (N, K) with unit column stride, bias (N,) or None ->
     (..., N) in x's dtype: the same product as ``F.linear(x, weight, bias)``, plus
     ``F.linear(x2, weight2, bias2)`` where x2 and weight2 (N, K2) are given (both sums in float32,
     rounded once), then the named activation (a key of ACTIVATIONS; "gelu_tanh" is
     tanh-approximated GELU) on outputs ``activation_from`` to N - 1, before rounding. out may be
-    passed preallocated and contiguous (tests poison it)."""
+    passed preallocated and contiguous (tests poison it).
+
+    x_ready: the caller knows that x was written before the kernel that precedes this one on the
+    stream (a parallel layer's MLP activation, made by the q/k/v + up GEMV, against x2, the
+    attention's output). Under PDL this kernel may start while the one ahead still runs (after
+    that one lets dependents launch, which every tileattn kernel does only past its own wait,
+    so the kernels before it have finished); the whole x product then streams under its tail,
+    and only x2 waits. Honoured only where x lies inside the latest product activated from a row
+    > 0 (the joined q/k/v + up product), so a copy made between them is never read early."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     check_tensor("x", x)
@@ -165,6 +182,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x = x.reshape(k).contiguous()
     x2 = x2.reshape(-1).contiguous() if second else x
     weight2 = weight2 if second else weight
+    global _joined
+    ready = False
+    if x_ready and _joined is not None:
+        device, lo, hi = _span(x)
+        ready = device == _joined[0] and _joined[1] <= lo and hi <= _joined[2]
+    if activation and activation_from > 0:
+        _joined = _span(y)
     block_n, block_k, warps = launch_config(n)
     pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
@@ -172,5 +196,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                              bias2 if bias2 is not None else weight, weight2.shape[1],
                                              weight2.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
                                              HAS_BIAS=bias is not None, SECOND=second, HAS_BIAS2=bias2 is not None,
-                                             ACTIVATION=ACTIVATIONS[activation], num_warps=warps, **pdl)
+                                             ACTIVATION=ACTIVATIONS[activation], X_READY=ready,
+                                             num_warps=warps, **pdl)
     return y

@@ -155,17 +155,20 @@ def cases():
         yield f"decode paged d128 tall tiles, {'TMA' if tma else 'pointers'}, PDL", "decode._decode_kernel", \
             _GPU_CONFIGS["decode_tall"][128][0], tall, None
 
-    def gemv_flags(block_k, activation=0, pdl=True, second=False):  # every constexpr the kernel takes
-        return dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=second, HAS_BIAS2=second, ACTIVATION=activation, PDL=pdl)
+    def gemv_flags(block_k, activation=0, pdl=True, second=False, ready=False):  # every constexpr the kernel takes
+        return dict(BLOCK_K=block_k, HAS_BIAS=True, SECOND=second, HAS_BIAS2=second, ACTIVATION=activation,
+                    X_READY=ready, PDL=pdl)
 
     for n in (2560, 10240):  # both of gemv_config's choices
         block_n, block_k, warps = gemv_config(n)
         for pdl in (False, True):
             yield f"gemv {block_n} rows x {block_k}{', PDL' if pdl else ''}", "gemv._gemv_kernel", (
                 None, block_n, warps, 3), gemv_flags(block_k, pdl=pdl), None
-        # a parallel layer's output and down projections summed (N = 2560 in Phi-2), both configs
-        yield f"gemv {block_n} rows x {block_k}, PDL, second operand", "gemv._gemv_kernel", (
-            None, block_n, warps, 3), gemv_flags(block_k, second=True), None
+        # a parallel layer's output and down projections summed (N = 2560 in Phi-2), both configs,
+        # with the first operand read before the PDL wait (x_ready) or not
+        for ready in (False, True):
+            yield f"gemv {block_n} rows x {block_k}, PDL, second operand{', x ready' if ready else ''}", \
+                "gemv._gemv_kernel", (None, block_n, warps, 3), gemv_flags(block_k, second=True, ready=ready), None
     block_n, block_k, warps = gemv_config(10240)  # an MLP's up product, every activation
     for name, code in ACTIVATIONS.items():
         if code:

@@ -65,3 +65,31 @@ def test_compare_command_runs_every_path(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "attention" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["tileattn-fast", "tileattn", "sdpa", "eager"]
     assert all(r.rstrip().endswith("| yes |") for r in rows)
+
+
+def test_gguf_conversions_are_keyed_by_content_not_install_time(tmp_path):
+    """A reinstalled GGUF (same bytes, new modification time) finds its conversion; another
+    file of the same name and size does not; the old time-keyed copies of that name and size
+    are dropped, nothing else."""
+    import os
+
+    from tileattn.cli.generate import _conversion_dir, _drop_mtime_keyed
+
+    data = bytes(range(256)) * 12000  # past two digest spans: the middle is not read
+    a, b = tmp_path / "one" / "m.Q4.gguf", tmp_path / "two" / "m.Q4.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(data)
+    os.utime(b, (1, 1))
+    root = tmp_path / "cache"
+    assert _conversion_dir(root, a) == _conversion_dir(root, b)
+    assert _conversion_dir(root, a).name.startswith(f"m.Q4-{len(data)}-")
+    b.write_bytes(data[:-1] + b"\x01")
+    assert _conversion_dir(root, b) != _conversion_dir(root, a)
+
+    kept = [_conversion_dir(root, a), root / f"m.Q4-{len(data) + 1}-1796619365", root / "other-3072000-1796619365"]
+    dropped = [root / f"m.Q4-{len(data)}-1796619365", root / f"m.Q4-{len(data)}-1796625004"]
+    for d in kept + dropped:
+        (d / "sub").mkdir(parents=True)
+    _drop_mtime_keyed(root, a)
+    assert [d.exists() for d in kept + dropped] == [True, True, True, False, False]

@@ -97,15 +97,14 @@ def _converted_gguf(path: Path) -> str:
     """A checkpoint directory converted from the GGUF file once, then reused: de-quantizing a
     GGUF takes tens of seconds on a CPU, loading safetensors about one.
 
-    Kept under $TILEATTN_CACHE (default ~/.cache/tileattn), keyed by the file's name, size and
-    modification time.
+    Kept under $TILEATTN_CACHE (default ~/.cache/tileattn), keyed by the file's name, size and a
+    digest of its ends (``_conversion_dir``).
     """
     import safetensors.torch
     import transformers
 
-    stat = path.stat()
     root = Path(os.environ.get("TILEATTN_CACHE", Path.home() / ".cache" / "tileattn"))
-    target = root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = _conversion_dir(root, path)
     if (target / "config.json").is_file():
         return str(target)
     print(f"# converting {path.name} once into {target}", file=sys.stderr)
@@ -120,7 +119,39 @@ def _converted_gguf(path: Path) -> str:
     type(net.config).from_dict(config).save_pretrained(partial)
     safetensors.torch.save_model(net, str(partial / "model.safetensors"))
     partial.replace(target)  # whole or absent, even if two runs race
+    _drop_mtime_keyed(root, path)
     return str(target)
+
+
+_DIGEST_SPAN = 1 << 20
+
+
+def _conversion_dir(root: Path, path: Path) -> Path:
+    """Where the GGUF file's conversion lives: its name, size and a digest of its first and last
+    MiB (GGUF puts its header and tensor index first; 3-4 ms on the dev CPU). The file's
+    modification time was the key before: every reinstall of the package that ships it (a new
+    virtual environment, a fresh clone) left another ~0.5 GB copy of the same model behind."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        digest.update(f.read(_DIGEST_SPAN))
+        f.seek(max(size - _DIGEST_SPAN, 0))
+        digest.update(f.read(_DIGEST_SPAN))
+    return root / f"{path.stem}-{size}-{digest.hexdigest()}"
+
+
+def _drop_mtime_keyed(root: Path, path: Path) -> None:
+    """Remove the conversions of a file of this name and size that the earlier scheme keyed by
+    modification time (an all-digit last part): copies of the same model, most likely."""
+    import glob
+    import shutil
+
+    prefix = f"{path.stem}-{path.stat().st_size}-"
+    for old in root.glob(glob.escape(prefix) + "*"):
+        if old.name[len(prefix):].isdigit():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class _TimingStreamer:

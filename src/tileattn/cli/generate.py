@@ -139,7 +139,7 @@ def _conversion_dir(root: Path, path: Path) -> Path:
         digest.update(f.read(_DIGEST_SPAN))
         f.seek(max(size - _DIGEST_SPAN, 0))
         digest.update(f.read(_DIGEST_SPAN))
-    return root / f"{path.stem}-{size}-{digest.hexdigest()}"
+    return root / f"{path.stem}-{size}-b{digest.hexdigest()}"  # "b": never all digits, see _drop_mtime_keyed
 
 
 def _drop_mtime_keyed(root: Path, path: Path) -> None:

@@ -157,21 +157,11 @@ def test_bad_inputs_name_the_argument():
         gemv([1.0] * 32, w, b)
 
 
-def test_x_ready_only_inside_the_latest_joined_product(monkeypatch):
+def test_x_ready_only_inside_the_latest_joined_product(launch_flags):
     """x_ready lets the kernel read x before its PDL wait. It is honoured only for an x inside the
     latest product activated from a row > 0 (a parallel layer's q/k/v + up GEMV), never for a
     copy or another tensor; the sums are the same either way."""
-    flags = []
-    real = gemv_module._gemv_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                flags.append(kwargs["X_READY"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(gemv_module, "_gemv_kernel", Recording())
+    launches = launch_flags("tileattn.kernels.gemv", "_gemv_kernel")
     h, w_joined, _ = _inputs(40, 64, torch.bfloat16, False)
     joined = gemv(h, w_joined, activation="gelu_tanh", activation_from=8)
     x = joined[..., 8:]  # the up projection's 32 activated rows
@@ -185,7 +175,7 @@ def test_x_ready_only_inside_the_latest_joined_product(monkeypatch):
     after_plain = gemv(x, w, b, x2=a2, weight2=w2, x_ready=True)
     gemv(h, w_joined, activation="gelu_tanh", activation_from=8)  # the next layer's: x is no longer the latest
     stale = gemv(x, w, b, x2=a2, weight2=w2, x_ready=True)
-    assert flags == [False, True, False, False, False, False, True, False, False]
+    assert [flags["X_READY"] for flags in launches] == [False, True, False, False, False, False, True, False, False]
     for got in (copied, after_plain, stale):
         assert torch.equal(got, early) and torch.equal(late, early)
     assert not torch.equal(other, late)

@@ -154,7 +154,7 @@ class Recorded:
 def _unhooked(hook) -> bool:
     """Whether a Triton launch hook does nothing: None, or a HookChain with no calls (anything
     else assigned there is some caller's hook)."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+    return hook is None or (isinstance(hook, knobs.HookChain) and not hook.calls)
 
 
 def _is_descriptor(value) -> bool:

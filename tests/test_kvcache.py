@@ -134,6 +134,32 @@ def test_kvcache_matches_reference(backend, case, causal, paged):
     torch.testing.assert_close(k_after.double(), exp_k[: k_after.shape[0]].double(), atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("filler", [-1, 1000], ids=["minus-one", "past-the-cache"])
+def test_kvcache_pages_past_the_fill_are_never_read(backend, filler):
+    """Block tables are often padded past each sequence's pages (-1, or whatever was there):
+    only the pages holding the cache_seqlens[b] + seqlen_new filled positions are read."""
+    gen = torch.Generator().manual_seed(3)
+    page, per_seq = 16, 4
+    lens = [17, 0, 40]  # + 1 appended: 2, 1 and 3 pages in use
+    batch = len(lens)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    k_pages, v_pages = rand(batch * per_seq, page, HEADS_KV, DIM), rand(batch * per_seq, page, HEADS_KV, DIM)
+    q, k_new, v_new = rand(batch, 1, HEADS, DIM), rand(batch, 1, HEADS_KV, DIM), rand(batch, 1, HEADS_KV, DIM)
+    table = torch.arange(batch * per_seq, dtype=torch.int32, device=DEVICE).view(batch, per_seq)
+    padded = table.clone()
+    for b, n in enumerate(lens):
+        padded[b, (n + page) // page:] = filler
+    outs = []
+    for block_table in (table, padded):
+        kc, vc = k_pages.clone(), v_pages.clone()
+        outs.append(flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=torch.tensor(lens, dtype=torch.int32,
+                                            device=DEVICE), block_table=block_table, causal=True))
+    assert torch.equal(outs[0], outs[1])
+
+
 VARIANTS = {
     "window": dict(window_size=(6, 0)),
     "softcap-alibi": dict(softcap=1.5, alibi_slopes="batch"),

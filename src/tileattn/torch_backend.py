@@ -197,7 +197,11 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
                        softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
     batch = q.shape[0]
     if block_table is not None:
-        idx = block_table.long()
+        # pages past a sequence's fill may hold anything (-1 pads many tables): the GPU kernel
+        # never reads them, so gather page 0 in their place; masked below like any unfilled slot
+        page_size = k_cache.shape[1]
+        in_use = torch.arange(block_table.shape[1], device=q.device) < (seqlens_k[:, None] + page_size - 1) // page_size
+        idx = torch.where(in_use, block_table, 0).long()
         k = k_cache[idx].flatten(1, 2)  # (B, max_blocks * page_size, Hkv, D)
         v = v_cache[idx].flatten(1, 2)
     elif cache_batch_idx is not None:

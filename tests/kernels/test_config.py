@@ -22,6 +22,15 @@ def test_head_dims_split_where_two_blocks_are_narrower_than_the_padded_one():
     assert config.head_blocks(80)["EVEN_D"] and not config.head_blocks(72)["EVEN_D"]
 
 
+def test_tma_leaves_expanded_tensors_to_pointer_tiles():
+    x = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
+    blocks = config.head_blocks(128)
+    for expanded in (x[:1].expand(2, 64, 4, 128), x[:, :, :1].expand(2, 64, 4, 128)):
+        assert not config.use_tma(blocks, x, expanded)
+    if config.interpreting():  # the GPU's answer also depends on the card
+        assert config.use_tma(blocks, x, x.clone())
+
+
 def test_seqlen_bucket_groups_powers_of_two():
     assert config.seqlen_bucket(1000, 4000) == config.seqlen_bucket(1024, 4096)
     assert config.seqlen_bucket(1024, 4096) != config.seqlen_bucket(1025, 4096)

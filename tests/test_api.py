@@ -54,7 +54,7 @@ def test_query_rows_that_see_no_key_give_zero_and_minus_inf(backend):
 
 @pytest.mark.parametrize(
     "layout",
-    ["transposed", "head_dim_slice", "batch_stride"],
+    ["transposed", "head_dim_slice", "batch_stride", "expanded_kv"],
 )
 def test_non_contiguous_inputs_match_contiguous(backend, layout):
     b, s, h, d = 2, 37, 4, 24
@@ -62,9 +62,12 @@ def test_non_contiguous_inputs_match_contiguous(backend, layout):
         q, k, v = (torch.randn(b, h, s, d, device=DEVICE).transpose(1, 2) for _ in range(3))
     elif layout == "head_dim_slice":  # every row strided past unused columns
         q, k, v = (torch.randn(b, s, h, 2 * d, device=DEVICE)[..., :d] for _ in range(3))
-    else:  # every other batch element
+    elif layout == "batch_stride":  # every other batch element
         q, k, v = (torch.randn(2 * b, s, h, d, device=DEVICE)[::2] for _ in range(3))
-    assert not q.is_contiguous()
+    else:  # one K/V for the whole batch, broadcast with a zero batch stride
+        q = torch.randn(b, s, h, d, device=DEVICE)
+        k, v = (torch.randn(1, s, h, d, device=DEVICE).expand(b, s, h, d) for _ in range(2))
+    assert not (q.is_contiguous() and k.is_contiguous())
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
     out = flash_attn_func(*leaves, causal=True)

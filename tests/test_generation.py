@@ -203,3 +203,32 @@ def test_greedy_choice_is_argmax_first_maximum_included(vocab):
     assert torch.equal(generation.greedy_choice(logits), logits.argmax(-1))
     if vocab > 2000:
         assert generation.greedy_choice(logits)[2:].tolist() == [1500, 2100]
+
+
+BAD_SAMPLING = {
+    "temperature-0": dict(temperature=0.0),
+    "temperature-negative": dict(temperature=-1.0),
+    "temperature-nan": dict(temperature=float("nan")),
+    "top-k-negative": dict(top_k=-1),
+    "top-k-float": dict(top_k=2.5),
+    "top-p-0": dict(top_p=0.0),
+    "top-p-above-1": dict(top_p=1.5),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SAMPLING, ids=list(BAD_SAMPLING))
+def test_bad_sampling_arguments_are_rejected_before_any_work(name, monkeypatch):
+    ours, _ = _models("llama")
+    ids, mask = _prompts()
+    monkeypatch.setattr(generation, "_facts", lambda *a: pytest.fail("generate started work"))
+    (argument,) = BAD_SAMPLING[name]
+    with pytest.raises(ValueError, match=argument):
+        generate(ours, ids, attention_mask=mask, max_new_tokens=2, do_sample=True, **BAD_SAMPLING[name])
+
+
+def test_greedy_ignores_sampling_arguments(monkeypatch):
+    """temperature=0 often stands for greedy; greedy decoding never reads the sampling knobs."""
+    ours, _ = _models("llama")
+    ids, mask = _prompts()
+    want = generate(ours, ids, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=3, temperature=0.0, top_p=0.0), want)

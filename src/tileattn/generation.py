@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -67,6 +68,20 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    """Sampling's knobs, checked before any work (greedy decoding ignores them, as transformers
+    does): a non-positive temperature or top_p would otherwise draw from NaN or all -inf logits."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+    if not (number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = no nucleus filter), got {top_p!r}")
 
 
 def _model_kwargs(model, cache) -> dict:
@@ -398,6 +413,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     batch, prompt_len = input_ids.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
     if attention_mask is None:

@@ -64,6 +64,17 @@ def test_decode_bench_reports_each_layout(tmp_path):
         assert float(line.split("|")[6]) > 0, line  # tileattn's bandwidth was measured
 
 
+def test_step_kernels_bench_times_each_kernel_beside_a_copy(tmp_path):
+    """Toy shapes on the CPU (4 heads of dim 32, fp32): the attention reads K and V up to the
+    prompt's length, not the cache's capacity."""
+    assert main(["bench", "--no-speed", "--no-memory", "--step-kernels", "--prompt-lengths", "40", "--rounds", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = [line.split(" | ") for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| 40 |")]
+    assert [r[1].split(" ")[0] for r in rows] == ["attention", "q/k/v", "down", "device"]
+    assert float(rows[0][2]) == 2 * 4 * 40 * 32 * 4 / 1e6
+    assert all(float(r[3]) > 0 for r in rows)
+
+
 def test_paged_varlen_bench_times_three_ways(tmp_path):
     """Packed queries over pages: the varlen call, flash_attn_with_kvcache and packed K/V, each
     checked against the packed kernel before it is timed; and a prefill chunk over a dense

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..api import flash_attn_func
 from ..testing import check_attention
 from .bench_decode import chunk_table, decode_bench, decode_table, dense_chunk_bench, packed_paged_bench, packed_table
+from .bench_kernels import step_kernels_bench, step_kernels_table
 from .bench_profile import step_profile_bench, step_profile_table
 from .bench_ring import ring_bench, ring_table
 from .bench_variants import variants_bench, variants_plot, variants_table
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-profile", type=int, default=0, metavar="STEPS",
                    help="CUDA: every kernel of STEPS graphed decode steps of the Phi-2 architecture after each "
                         "--prompt-lengths prompt, per step (compiled with --compile-step)")
+    p.add_argument("--step-kernels", action="store_true",
+                   help="a Phi-2 decode step's attention and GEMVs alone at each --prompt-lengths prompt, beside a "
+                        "device copy, then once more each inside a cudaProfilerStart/Stop range (for ncu)")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
@@ -394,7 +398,7 @@ def large_batch_check(device, log) -> bool:
 
 
 def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, generation_rows=(), decode_rows=(),
-                 ring_rows=(), variant_rows=(), packed_rows=(), chunk_rows=(), step_profiles=()) -> str:
+                 ring_rows=(), variant_rows=(), packed_rows=(), chunk_rows=(), step_profiles=(), kernel_rows=()) -> str:
     os.makedirs(out_dir, exist_ok=True)
     impls = sorted({name for c in cells for (name, _) in c.tflops}, key=lambda n: (n != "tileattn", n))
     lines = [f"Device: {_device_name(device)}; torch {torch.__version__}; triton {_triton_version()}; "
@@ -431,6 +435,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines.append("")
     if step_profiles:
         lines += step_profile_table(step_profiles)
+    if kernel_rows:
+        lines += step_kernels_table(kernel_rows)
     if decode_rows:
         lines += decode_table(decode_rows)
     if packed_rows:
@@ -545,6 +551,11 @@ def run(args) -> int:
     if args.step_profile:
         log(f"== decode step profile, Phi-2 architecture, {args.step_profile} steps")
         step_profiles = step_profile_bench(device, args.prompt_lengths, args.step_profile, log, args.compile_step)
+    kernel_rows = []
+    if args.step_kernels:
+        log("== a decode step's big kernels alone")
+        kernel_rows = step_kernels_bench(device, args.prompt_lengths, log, lambda fn: _bench(fn, device, graph=True),
+                                         args.rounds)
     decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")
@@ -566,7 +577,7 @@ def run(args) -> int:
         log("== attention variants against plain causal attention")
         variant_rows = variants_bench(device, log, _bench, args.rounds)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
-                        ring_rows, variant_rows, packed_rows, chunk_rows, step_profiles)
+                        ring_rows, variant_rows, packed_rows, chunk_rows, step_profiles, kernel_rows)
     log("\n" + text)
     return 0 if accuracy_ok in (None, True) else 1
 

@@ -141,13 +141,15 @@ def cases():
     yield "dk/dv d128 full, seqlen 1", "backward._bwd_dkdv_kernel", dkdv, _bwd(
         CAUSAL=False, **d128), dict(seqlen_q=1, seqlen_k=1)
     decode_flags = dict(SINK=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=True, BLOCK_M=16, TMA=False)
-    decode_cases = (("paged d128", d128, True, False, False), ("paged d80 split", d80, True, False, False),
-                    ("dense d128", d128, False, False, False), ("dense d128, PDL", d128, False, True, False),
-                    ("paged d128 packed queries, PDL", d128, True, True, True))
-    for label, blocks, paged, pdl, varlen in decode_cases:
+    one_warp = next(c for c in _GPU_CONFIGS["decode"][128] if c[2] == 1)  # several programs to an SM
+    decode_cases = (("paged d128", d128, True, False, False, dec), ("paged d80 split", d80, True, False, False, dec),
+                    ("dense d128", d128, False, False, False, dec), ("dense d128, PDL", d128, False, True, False, dec),
+                    ("paged d128 packed queries, PDL", d128, True, True, True, dec),
+                    ("dense d80 split, PDL, one warp", d80, False, True, False, one_warp))
+    for label, blocks, paged, pdl, varlen, config in decode_cases:
         flags = _variants(**decode_flags, **blocks, PAGED=paged, PDL=pdl, VARLEN=varlen)
         flags.pop("DROPOUT")
-        yield f"decode {label}", "decode._decode_kernel", dec, flags, None
+        yield f"decode {label}", "decode._decode_kernel", config, flags, None
     for tma in (False, True):  # prefill chunks over pages: pages of 16 (pointers) and of 256 (TMA)
         tall = _variants(**decode_flags | dict(BLOCK_M=TALL_ROWS, HAS_LEFTPAD=False, TMA=tma), **d128, PAGED=True,
                          PDL=True, VARLEN=True)

@@ -47,11 +47,14 @@ _GPU_CONFIGS = {
         256: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
     },
     # KV-cache decode: BLOCK_M is fixed by the launcher (queries x heads of a GQA group), so
-    # only the key tile, warps and pipeline depth are tuned
+    # only the key tile, warps and pipeline depth are tuned. A 16-row tile is too short to split
+    # among warps, so each warp of a program computes the whole tile (Triton lays warps along the
+    # rows): one-warp programs, several to an SM, give each warp keys of its own instead
     "decode": {
-        64: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 4, 4), (None, 256, 8, 3)],
+        64: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 4, 4), (None, 256, 8, 3), (None, 64, 1, 3),
+             (None, 32, 1, 4)],
         128: [(None, 128, 4, 3), (None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 2, 3),
-              (None, 32, 4, 3)],
+              (None, 32, 4, 3), (None, 64, 1, 3), (None, 32, 1, 4)],
         256: [(None, 64, 4, 3), (None, 32, 4, 3), (None, 64, 4, 2)],
     },
     # the KV-cache kernel with TALL_ROWS (query, head) rows a tile (prefill chunks over a cache):

@@ -232,3 +232,10 @@ def test_greedy_ignores_sampling_arguments(monkeypatch):
     ids, mask = _prompts()
     want = generate(ours, ids, attention_mask=mask, max_new_tokens=3)
     assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=3, temperature=0.0, top_p=0.0), want)
+
+
+def test_an_empty_prompt_is_rejected():
+    ours, _ = _models("llama")
+    ids, _ = _prompts()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(ours, ids[:, :0], max_new_tokens=2)

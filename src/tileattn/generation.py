@@ -409,6 +409,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     Greedy tokens equal transformers' generate with eager attention up to floating-point ties.
     """
     _check_model(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, prompt) tensor of at least one token, got {shape}")
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     if max_new_tokens < 1:

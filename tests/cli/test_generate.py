@@ -49,6 +49,23 @@ def test_missing_model_is_a_clear_message_not_a_traceback(capsys, tmp_path):
     assert "could not load 'someone/not-in-the-cache' offline" in capsys.readouterr().err
 
 
+BAD_ARGS = {
+    "device-name": (["--device", "gpu0"], "is not a device name"),
+    "device-missing": (["--device", "cuda:63"], "--device cuda:63"),
+    "prompt-file": (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file: No such file"),
+    "empty-prompt": (["--prompt", ""], "the prompt is empty"),
+    "no-new-tokens": (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ARGS, ids=list(BAD_ARGS))
+def test_bad_arguments_are_a_clear_message_before_the_model_loads(capsys, monkeypatch, name):
+    monkeypatch.setattr(generate, "load", lambda *a: pytest.fail("the model loaded"))
+    argv, message = BAD_ARGS[name]
+    assert main(["generate", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compare_table_marks_mismatches():
     def result(attn, tokens):
         return generate.Result(attn, 4, tokens, 0.1, 10.0, 100.0, "RSS", "")

@@ -314,13 +314,43 @@ def compare_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _device(name: str) -> torch.device:
+    """--device as a torch.device; ValueError with the reason where it names none this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def _usage_error(message: str) -> int:
+    print(f"tileattn generate: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args) -> int:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = _device(args.device)
+        prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
+    except ValueError as e:
+        return _usage_error(str(e))
+    except OSError as e:
+        return _usage_error(f"--prompt-file: {e.strerror}: {args.prompt_file}")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    prompt = args.prompt_file.read_text() if args.prompt_file else args.prompt
+    if not prompt:
+        return _usage_error("the prompt is empty")
     if args.max_new_tokens < 1:
-        print("tileattn generate: --max-new-tokens must be at least 1", file=sys.stderr)
-        return 2
+        return _usage_error("--max-new-tokens must be at least 1")
+    if args.cuda_graph and device.type != "cuda":
+        return _usage_error("--cuda-graph needs a CUDA device")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     try:
         model, tokenizer = load(args.model, args.attn, dtype, device)
@@ -329,9 +359,6 @@ def run(args) -> int:
         return 1
     print(f"# {model.config.model_type}, {model.num_parameters() / 1e6:.0f}M parameters, {str(dtype)[6:]} on {device}",
           file=sys.stderr)
-    if args.cuda_graph and device.type != "cuda":
-        print("tileattn generate: --cuda-graph needs a CUDA device", file=sys.stderr)
-        return 2
     if not args.compare:
         fast = args.attn == "tileattn" and not args.hf_generate
         result = generate(model, tokenizer, prompt, args.max_new_tokens, device, stream=not args.no_stream, fast=fast,

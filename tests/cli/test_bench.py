@@ -3,6 +3,7 @@
 import importlib
 import os
 
+import pytest
 import torch
 
 from tileattn.cli import bench, main
@@ -115,3 +116,10 @@ def test_generation_bench_reports_a_steady_decode_rate(tmp_path, monkeypatch):
     for path in ("tileattn-fast", "tileattn-fast one stream", "sdpa"):
         cells = next(line for line in report.splitlines() if line.startswith(f"| 12 | {path} |")).split("|")
         assert float(cells[5]) > 0  # steady decode tok/s
+
+
+@pytest.mark.parametrize("flag", ["--seqlens", "--head-dims", "--prompt-lengths", "--rounds"])
+def test_lengths_and_counts_below_one_are_usage_errors(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", flag, "0"])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err

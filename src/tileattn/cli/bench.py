@@ -29,12 +29,20 @@ TOKENS = 16 * 1024
 HIDDEN = 2048
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1 (a length, count or head dim of 0 divides by zero downstream)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="run the accuracy matrix at real sizes first")
     p.add_argument("--no-speed", action="store_true", help="skip the speed grid")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison")
-    p.add_argument("--seqlens", type=int, nargs="+", help="speed-grid sequence lengths (default 512..16k on GPU)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="speed-grid head dims")
+    p.add_argument("--seqlens", type=_positive, nargs="+", help="speed-grid sequence lengths (default 512..16k on GPU)")
+    p.add_argument("--head-dims", type=_positive, nargs="+", default=[64, 128], help="speed-grid head dims")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="speed-grid dtype")
     p.add_argument("--tma-ab", action="store_true",
                    help="also time tileattn with TMA descriptors off (pointer tiles), in the same run")
@@ -42,10 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation", action="store_true",
                    help="also time generation with the Phi-2 architecture (random bf16 weights): "
                         "tileattn vs sdpa vs eager")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384],
+    p.add_argument("--prompt-lengths", type=_positive, nargs="+", default=[2048, 8192, 16384],
                    help="prompt lengths for --generation")
-    p.add_argument("--new-tokens", type=int, default=256, help="decode tokens for --generation")
-    p.add_argument("--batch", type=int, default=1, help="prompts per generate call for --generation")
+    p.add_argument("--new-tokens", type=_positive, default=256, help="decode tokens for --generation")
+    p.add_argument("--batch", type=_positive, default=1, help="prompts per generate call for --generation")
     p.add_argument("--compile-step", action="store_true",
                    help="--generation on CUDA: also the fast path with prefill and decode step through torch.compile")
     p.add_argument("--overlap-ab", action="store_true",
@@ -61,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=_positive, default=3,
                    help="--decode and --variants: time the implementations in turn this many times and report "
                         "each one's median")
     p.add_argument("--paged-varlen", action="store_true",
@@ -72,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cost of sliding window, softcap, ALiBi, sinks and dropout against plain causal attention")
     p.add_argument("--ring", action="store_true",
                    help="ring attention over all visible GPUs vs one GPU (causal fwd+bwd, 32k-128k tokens)")
-    p.add_argument("--ring-seqlens", type=int, nargs="+", default=[32768, 65536, 131072],
+    p.add_argument("--ring-seqlens", type=_positive, nargs="+", default=[32768, 65536, 131072],
                    help="total sequence lengths for --ring on GPUs (a run over 2 s is timed once, not averaged)")
     p.add_argument("--out", default="bench-out", help="folder for bench.md and the PNG plots")
 

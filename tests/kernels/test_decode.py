@@ -5,8 +5,8 @@ import importlib
 import pytest
 import torch
 
-from tileattn.kernels.config import head_blocks, use_tma
-from tileattn.kernels.decode import choose_splits, decode
+from tileattn.kernels.config import configs, head_blocks, use_tma
+from tileattn.kernels.decode import _select, choose_splits, decode
 from tileattn.reference import attention_ref
 from tileattn.testing import Check, _max_err, _rounding_atol
 
@@ -252,3 +252,12 @@ def test_bounded_softcap_splits_and_sinks(launch_flags, splits):
                                             ("lse", lse[b : b + 1], low_lse, ref_lse, torch.float32)):
             check = Check(f"{name} b{b}", _max_err(ours, ref), _max_err(low, ref), _rounding_atol(ref, floor))
             assert check.ok, str(check)
+
+
+def test_one_warp_configs_serve_only_16_row_tiles():
+    """Sixteen rows cannot be split among warps (each warp would compute the whole tile), so
+    one-warp programs are tried there; taller tiles split among warps and skip them."""
+    listed = configs("decode", 128)
+    assert any(c[2] == 1 for c in _select(listed, {"BLOCK_M": 16}))
+    taller = _select(listed, {"BLOCK_M": 64})
+    assert taller[0] == listed[0] and all(c[2] > 1 for c in taller)

@@ -279,9 +279,13 @@ def _combine_kernel(
 
 
 def _select(listed, meta: dict) -> list:
-    """Tall tiles (prefill chunks) take the forward's tile shapes: 8 warps for 128 rows."""
+    """Tall tiles (prefill chunks) take the forward's tile shapes: 8 warps for 128 rows. One-warp
+    configs are for 16-row tiles (a few decode rows), whose warps would otherwise all compute
+    the same tile; taller tiles split among warps."""
     if meta["BLOCK_M"] >= TALL_ROWS:
         return configs("decode_tall", tile_width(meta), meta["DOT_PRECISION"])
+    if meta["BLOCK_M"] > 16:
+        return [c for c in listed if c[2] > 1]
     return listed
 
 

@@ -226,7 +226,7 @@ def test_bad_sampling_arguments_are_rejected_before_any_work(name, monkeypatch):
         generate(ours, ids, attention_mask=mask, max_new_tokens=2, do_sample=True, **BAD_SAMPLING[name])
 
 
-def test_greedy_ignores_sampling_arguments(monkeypatch):
+def test_greedy_ignores_sampling_arguments():
     """temperature=0 often stands for greedy; greedy decoding never reads the sampling knobs."""
     ours, _ = _models("llama")
     ids, mask = _prompts()

@@ -32,7 +32,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _FLOATS = {"qk_scale", "softmax_scale", "softcap", "dropout_p", "rescale"}
 _INT_POINTERS = {"CuSeqQ", "CuSeqK", "SeqlensK", "BatchIdx", "LeftPad", "BlockTable"}
 _FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
-_DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "head_dim", "page_size", "n", "k"}  # at the shapes benchmarked
+_DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "head_dim", "page_size", "n", "k", "k2"}  # at the shapes benchmarked
 
 
 def _kernel(name: str):

@@ -56,6 +56,24 @@ def test_padded_logits_match_eager(backend, name, padding_side):
     torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"], ids=["no-window", "window-past-the-sequence", "window"])
+def test_a_mask_with_gaps_matches_eager_or_is_refused(backend, name):
+    """Masked tokens between kept ones: the kept tokens are packed, which keeps causal order
+    (no window, or one wider than the sequence: same logits as eager) but not distances, so a
+    sliding window that bites is refused."""
+    ours, eager = _models(name)
+    ids, mask = _batch("left")
+    mask[1, 3] = 0
+    if name == "mistral":
+        with pytest.raises(ValueError, match="sliding window"):
+            ours(input_ids=ids, attention_mask=mask)
+        return
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask).logits
+        want = eager(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_matches_eager(name):
     ours, eager = _models(name)

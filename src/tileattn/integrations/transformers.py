@@ -7,7 +7,9 @@ nothing is padded; the attention function only reshapes and routes:
 
 - cu_seq_lens_q/k + max_length_q/k given (padding-free training): varlen kernel;
 - a padding mask: the valid tokens are gathered and run through the varlen kernel, so no work
-  is spent on padding; padded query rows come back as zeros, as with flash-attn;
+  is spent on padding; padded query rows come back as zeros, as with flash-attn. A mask with
+  gaps (masked tokens between kept ones) keeps causal order when packed, but not the distances
+  a sliding window counts: layers whose window bites refuse it (ValueError);
 - position_ids that restart inside one row (packed sequences): varlen kernel;
 - decode steps (a few queries against a longer cache, no gradient): the KV-cache kernel, which
   splits the keys across SMs and reads each K/V head once for its whole GQA group;
@@ -67,6 +69,12 @@ def _unpad(x: torch.Tensor, mask: torch.Tensor):
     return x.reshape(-1, *x.shape[2:])[indices], indices, _cu_seqlens(lengths), int(lengths.max())
 
 
+def _has_gaps(mask: torch.Tensor) -> bool:
+    """Whether a row's kept tokens are not one run (masked tokens between kept ones)."""
+    runs = mask[:, :1].int() + (mask[:, 1:] & ~mask[:, :-1]).sum(1, dtype=torch.int32, keepdim=True)
+    return bool((runs > 1).any())
+
+
 def _padded(q, k, v, mask, scale, causal, variants):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -74,6 +82,13 @@ def _padded(q, k, v, mask, scale, causal, variants):
     if mask.shape[1] < seqlen_k:  # a static cache: slots past the mask are not filled yet
         mask = F.pad(mask, (0, seqlen_k - mask.shape[1]), value=False)
     mask = mask[:, -seqlen_k:]
+    left, right = variants["window_size"]
+    if (0 <= left < seqlen_k - 1 or (not causal and 0 <= right < seqlen_k - 1)) and _has_gaps(mask):
+        # the kept tokens are packed before the kernel, so a window would count kept tokens, not
+        # positions as transformers' masks do: a wider window than the model's, without a word
+        raise ValueError("tileattn: attention_mask masks tokens between kept ones (not left or right padding) in a "
+                         "layer with a sliding window, whose span the packed tokens would not keep; use "
+                         "attn_implementation='sdpa' or 'eager' for such masks")
     q_unpad, idx_q, cu_q, max_q = _unpad(q, mask_q)
     k_unpad, idx_k, cu_k, max_k = _unpad(k, mask)
     v_unpad = v.reshape(-1, *v.shape[2:])[idx_k]

@@ -74,6 +74,35 @@ def test_a_mask_with_gaps_matches_eager_or_is_refused(backend, name):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=2e-5)
 
 
+def _bart(attn_implementation):
+    config = transformers.BartConfig(vocab_size=96, d_model=64, encoder_layers=1, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64)
+    return transformers.BartForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+
+
+@pytest.mark.parametrize("decoder_length", [4, 12], ids=["decoder-shorter", "decoder-longer"])
+def test_cross_attention_over_a_padded_encoder_matches_eager(backend, decoder_length):
+    """An encoder-decoder's cross-attention gets the encoder's padding mask while its queries are
+    the decoder's tokens: the mask must not drop decoder rows (it dropped those past the encoder
+    row's last valid position)."""
+    torch.manual_seed(0)
+    ours, eager = _bart("tileattn").to(DEVICE).eval(), _bart("eager").to(DEVICE).eval()
+    eager.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, 96, (2, 10), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    dec = torch.randint(3, 96, (2, decoder_length), device=DEVICE)
+    dec_mask = torch.ones_like(dec)
+    dec_mask[1, :2] = 0
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        want = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+    torch.testing.assert_close(got[dec_mask.bool()], want[dec_mask.bool()], atol=2e-5, rtol=2e-5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=1)
+    assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_matches_eager(name):
     ours, eager = _models(name)

@@ -7,7 +7,9 @@ nothing is padded; the attention function only reshapes and routes:
 
 - cu_seq_lens_q/k + max_length_q/k given (padding-free training): varlen kernel;
 - a padding mask: the valid tokens are gathered and run through the varlen kernel, so no work
-  is spent on padding; padded query rows come back as zeros, as with flash-attn. A mask with
+  is spent on padding; padded query rows come back as zeros, as with flash-attn. Without causal
+  masking or a window the mask is taken for the keys alone (a cross-attention's mask is the
+  encoder's, and says nothing of the decoder's queries), and every query row runs. A mask with
   gaps (masked tokens between kept ones) keeps causal order when packed, but not the distances
   a sliding window counts: layers whose window bites refuse it (ValueError);
 - position_ids that restart inside one row (packed sequences): varlen kernel;
@@ -78,7 +80,9 @@ def _has_gaps(mask: torch.Tensor) -> bool:
 def _padded(q, k, v, mask, scale, causal, variants):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    mask_q = mask[:, -seqlen_q:]  # queries are the newest tokens
+    mask_q = None  # every query row runs: a cross-attention's mask is the encoder's, not its queries'
+    if causal or variants["window_size"] != (-1, -1):  # self-attention: queries are the newest tokens
+        mask_q = mask[:, -seqlen_q:]
     if mask.shape[1] < seqlen_k:  # a static cache: slots past the mask are not filled yet
         mask = F.pad(mask, (0, seqlen_k - mask.shape[1]), value=False)
     mask = mask[:, -seqlen_k:]
@@ -89,11 +93,17 @@ def _padded(q, k, v, mask, scale, causal, variants):
         raise ValueError("tileattn: attention_mask masks tokens between kept ones (not left or right padding) in a "
                          "layer with a sliding window, whose span the packed tokens would not keep; use "
                          "attn_implementation='sdpa' or 'eager' for such masks")
-    q_unpad, idx_q, cu_q, max_q = _unpad(q, mask_q)
     k_unpad, idx_k, cu_k, max_k = _unpad(k, mask)
     v_unpad = v.reshape(-1, *v.shape[2:])[idx_k]
+    if mask_q is None:
+        q_unpad, max_q = q.reshape(-1, heads, head_dim), seqlen_q
+        cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
+    else:
+        q_unpad, idx_q, cu_q, max_q = _unpad(q, mask_q)
     out_unpad = flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k,
                                        softmax_scale=scale, causal=causal, **variants)
+    if mask_q is None:
+        return out_unpad.view(batch, seqlen_q, heads, head_dim)
     out = q.new_zeros(batch * seqlen_q, heads, head_dim)
     out[idx_q] = out_unpad
     return out.view(batch, seqlen_q, heads, head_dim)

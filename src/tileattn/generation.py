@@ -96,6 +96,9 @@ def _model_kwargs(model, cache) -> dict:
 
 
 def _check_model(model):
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"fast generation serves decoder-only causal LMs; {type(model).__name__} is an "
+                         "encoder-decoder model: use its generate() (attn_implementation='tileattn' works there)")
     if model.config._attn_implementation != "tileattn":
         raise ValueError(f"fast generation needs attn_implementation='tileattn', the model has "
                          f"{model.config._attn_implementation!r}; call model.set_attn_implementation('tileattn')")

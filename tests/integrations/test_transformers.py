@@ -103,6 +103,14 @@ def test_cross_attention_over_a_padded_encoder_matches_eager(backend, decoder_le
     assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
 
 
+def test_fast_generation_refuses_an_encoder_decoder():
+    """It would feed the prompt to the encoder and the decoder alike, with a decoder-only cache."""
+    from tileattn.generation import generate
+
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        generate(_bart("tileattn").eval(), torch.randint(3, 96, (1, 5)), max_new_tokens=2)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_matches_eager(name):
     ours, eager = _models(name)

@@ -103,6 +103,24 @@ def test_cross_attention_over_a_padded_encoder_matches_eager(backend, decoder_le
     assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
 
 
+def test_padded_encoder_matches_eager(backend):
+    """Bidirectional self-attention over a right-padded batch (BERT): every query row runs, the
+    mask hides the padded keys."""
+    def bert(attn_implementation):
+        config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64)
+        return transformers.BertModel._from_config(config, attn_implementation=attn_implementation).to(DEVICE).eval()
+
+    torch.manual_seed(0)
+    ours, eager = bert("tileattn"), bert("eager")
+    eager.load_state_dict(ours.state_dict())
+    ids, mask = _batch("right")
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=2e-5)
+
+
 def test_fast_generation_refuses_an_encoder_decoder():
     """It would feed the prompt to the encoder and the decoder alike, with a decoder-only cache."""
     from tileattn.generation import generate

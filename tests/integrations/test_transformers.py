@@ -202,6 +202,13 @@ def test_packing_is_read_from_the_host_once_per_position_ids_tensor(monkeypatch)
         assert integration._packed_cu_seqlens(pos, 1, 7, 7)[1] == 5 and len(reads) == 4
 
 
+def test_output_attentions_warns_that_there_are_none():
+    ours, _ = _models("llama")
+    with pytest.warns(UserWarning, match="output_attentions=True gets none"):
+        out = ours(input_ids=torch.randint(1, 96, (1, 6), device=DEVICE), output_attentions=True)
+    assert not out.attentions
+
+
 def test_mask_function_returns_none_without_padding():
     assert tileattn_mask(2, attention_mask=torch.ones(2, 5, dtype=torch.bool), kv_length=5) is None
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)

@@ -24,6 +24,7 @@ through to the kernels.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -177,6 +178,9 @@ def tileattn_attention_forward(
             f"tileattn expects the 2-D padding mask made by its registered mask function, got shape "
             f"{tuple(attention_mask.shape)}; this model builds its own masks, use attn_implementation='sdpa'"
         )
+    if kwargs.get("output_attentions"):
+        warnings.warn("tileattn never forms the attention weights (that is the memory it saves), so "
+                      "output_attentions=True gets none; use attn_implementation='eager' for them", stacklevel=2)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D) views, no copies
     v_head_dim = v.shape[-1]
     if v_head_dim != q.shape[-1]:  # e.g. MLA: pad V to the QK head dim, slice the output back

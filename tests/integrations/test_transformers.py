@@ -202,6 +202,27 @@ def test_packing_is_read_from_the_host_once_per_position_ids_tensor(monkeypatch)
         assert integration._packed_cu_seqlens(pos, 1, 7, 7)[1] == 5 and len(reads) == 4
 
 
+def test_chunked_attention_runs_inside_the_first_chunk_and_is_refused_past_it(backend):
+    """Llama 4's chunked layers: causal attention while every key lies in the first chunk."""
+    def llama4(attn_implementation):
+        config = transformers.Llama4TextConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=16,
+            max_position_embeddings=128, num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0])
+        return transformers.Llama4ForCausalLM._from_config(config, attn_implementation=attn_implementation).to(DEVICE)
+
+    torch.manual_seed(0)
+    ours, eager = llama4("tileattn").eval(), llama4("eager").eval()
+    eager.load_state_dict(ours.state_dict())
+    assert ours.config.layer_types[0] == "chunked_attention"
+    ids = torch.randint(1, 96, (1, 24), device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids[:, :12]).logits, eager(input_ids=ids[:, :12]).logits,
+                                   atol=2e-5, rtol=2e-5)
+        with pytest.raises(NotImplementedError, match="chunked attention"):
+            ours(input_ids=ids)
+
+
 def test_output_attentions_warns_that_there_are_none():
     ours, _ = _models("llama")
     with pytest.warns(UserWarning, match="output_attentions=True gets none"):

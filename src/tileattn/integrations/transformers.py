@@ -19,7 +19,9 @@ nothing is padded; the attention function only reshapes and routes:
 
 Sliding windows (Mistral, Qwen2, Gemma 2), logit softcapping (Gemma 2), attention sinks
 (gpt-oss's s_aux) and attention dropout (transformers passes it only while training) pass
-through to the kernels.
+through to the kernels. Chunked attention (Llama 4's chunked layers) is not implemented: such
+a layer runs while its keys lie in the first chunk, where it is causal attention, and raises
+NotImplementedError past it.
 """
 
 from __future__ import annotations
@@ -157,6 +159,16 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seqlen_q: 
     return result
 
 
+def _chunk_size(module) -> int | None:
+    """The chunk of a chunked-attention layer (Llama 4: tokens attend within fixed chunks of
+    positions), else None. transformers builds that mask; the attention function is not told."""
+    config = getattr(module, "config", None)
+    types, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if not types or index is None or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
 def tileattn_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -182,6 +194,13 @@ def tileattn_attention_forward(
         warnings.warn("tileattn never forms the attention weights (that is the memory it saves), so "
                       "output_attentions=True gets none; use attn_implementation='eager' for them", stacklevel=2)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D) views, no copies
+    chunk = _chunk_size(module)
+    if chunk is not None and k.shape[1] >= chunk:
+        # fewer keys than a chunk all lie in the first one, where chunked attention is causal
+        # attention; past it (or a sliding cache of a chunk's size, which hides the positions) not
+        raise NotImplementedError(f"tileattn: chunked attention (chunks of {chunk} positions) is not implemented; "
+                                  f"it equals causal attention only while fewer than {chunk} keys are seen, and this "
+                                  f"layer sees {k.shape[1]}. Use attn_implementation='sdpa' or 'flex_attention'")
     v_head_dim = v.shape[-1]
     if v_head_dim != q.shape[-1]:  # e.g. MLA: pad V to the QK head dim, slice the output back
         v = F.pad(v, (0, q.shape[-1] - v_head_dim))

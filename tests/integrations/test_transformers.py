@@ -236,6 +236,21 @@ def test_mask_function_returns_none_without_padding():
     assert torch.equal(tileattn_mask(2, attention_mask=mask, kv_length=3), mask)
 
 
+def test_a_mask_the_model_widens_is_refused():
+    """Gemma 3's bidirectional attention ORs a mask into the causal one, which would reach the
+    kernels as plain causal attention; windows (and_masks) and padding stay ours to apply."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    ours, _ = _models("mistral")
+    embeds = torch.zeros(1, 6, 64, device=DEVICE)
+    args = dict(config=ours.config, inputs_embeds=embeds, attention_mask=torch.ones(1, 6, device=DEVICE),
+                cache=None, position_ids=torch.arange(6, device=DEVICE)[None])
+    assert create_causal_mask(**args) is None
+    assert create_sliding_window_causal_mask(**args) is None
+    with pytest.raises(NotImplementedError, match="widens the causal mask"):
+        create_causal_mask(**args, or_mask_function=lambda *a: torch.tensor(True))
+
+
 def test_attention_dropout_while_training_is_reproducible():
     ours, _ = _models("llama", attention_dropout=0.3)
     ours.train()

@@ -43,9 +43,35 @@ NAME = "tileattn"
 DECODE_ROWS = 64  # queries x GQA group up to one decode-kernel tile
 
 
+def _widens(mask_function, depth: int = 0) -> bool:
+    """Whether transformers' mask function ORs a mask of the model's into the causal one
+    (transformers' or_masks: Gemma 3's bidirectional attention and image-token blocks), looking
+    through the and_masks / remapping closures that wrap it."""
+    if not callable(mask_function) or depth > 8:
+        return False
+    if getattr(mask_function, "__name__", "") == "or_mask":
+        return True
+    for cell in getattr(mask_function, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if any(_widens(f, depth + 1) for f in (inner if isinstance(inner, (tuple, list)) else (inner,))):
+            return True
+    return False
+
+
 def tileattn_mask(batch_size: int, *args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None,
-                  **kwargs) -> torch.Tensor | None:
-    """The (batch, kv_length) bool padding mask, or None when no token is padded."""
+                  mask_function=None, **kwargs) -> torch.Tensor | None:
+    """The (batch, kv_length) bool padding mask, or None when no token is padded. The kernels
+    apply causal masking, windows and padding; a model that widens the causal mask with one of
+    its own is refused rather than run causally (in eager calls: a first, uncompiled forward
+    catches it, as tileattn.generation's probe of the model does)."""
+    # read eagerly only: closures are opaque to torch.compile's tracer (each look a graph break)
+    if not torch.compiler.is_compiling() and _widens(mask_function):
+        raise NotImplementedError("tileattn applies causal, sliding-window and padding masks; this model widens the "
+                                  "causal mask with one of its own (bidirectional attention, image-token blocks). "
+                                  "Use attn_implementation='sdpa' or 'eager'")
     if attention_mask is None:
         return None
     if kv_length is not None:

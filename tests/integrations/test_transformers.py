@@ -1,5 +1,7 @@
 """attn_implementation="tileattn" against transformers' own eager attention on tiny random models."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -243,8 +245,9 @@ def test_a_mask_the_model_widens_is_refused():
 
     ours, _ = _models("mistral")
     embeds = torch.zeros(1, 6, 64, device=DEVICE)
-    args = dict(config=ours.config, inputs_embeds=embeds, attention_mask=torch.ones(1, 6, device=DEVICE),
-                cache=None, position_ids=torch.arange(6, device=DEVICE)[None])
+    cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"  # < 5.2x
+    args = {"config": ours.config, "inputs_embeds": embeds, "attention_mask": torch.ones(1, 6, device=DEVICE),
+            cache: None, "position_ids": torch.arange(6, device=DEVICE)[None]}
     assert create_causal_mask(**args) is None
     assert create_sliding_window_causal_mask(**args) is None
     with pytest.raises(NotImplementedError, match="widens the causal mask"):

@@ -22,3 +22,10 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
     pos = torch.arange(total, device=cache.device) - cu_seqlens_k[seq]
     page_size = cache.shape[1]
     return cache[block_table[seq, pos // page_size].long(), pos % page_size]
+
+
+def pages_in_use(block_table: torch.Tensor, lengths: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(batch, max_blocks) bool: the block_table entries holding each sequence's first lengths[b]
+    positions; the entries past them may hold anything (tables are often padded with -1)."""
+    pages = (lengths.long().to(block_table.device)[:, None] + page_size - 1) // page_size
+    return torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages

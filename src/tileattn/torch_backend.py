@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import keep_mask
-from .layout import gather_pages, lse_shape
+from .layout import gather_pages, lse_shape, pages_in_use
 
 BLOCK_K = 256
 # query rows per block where a causal mask or a window lets whole key chunks be skipped, as the
@@ -199,9 +199,7 @@ def decode(q, k_cache, v_cache, seqlens_k, softmax_scale: float, causal: bool, c
     if block_table is not None:
         # pages past a sequence's fill may hold anything (-1 pads many tables): the GPU kernel
         # never reads them, so gather page 0 in their place; masked below like any unfilled slot
-        page_size = k_cache.shape[1]
-        in_use = torch.arange(block_table.shape[1], device=q.device) < (seqlens_k[:, None] + page_size - 1) // page_size
-        idx = torch.where(in_use, block_table, 0).long()
+        idx = torch.where(pages_in_use(block_table, seqlens_k, k_cache.shape[1]), block_table, 0).long()
         k = k_cache[idx].flatten(1, 2)  # (B, max_blocks * page_size, Hkv, D)
         v = v_cache[idx].flatten(1, 2)
     elif cache_batch_idx is not None:

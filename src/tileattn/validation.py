@@ -7,6 +7,8 @@ from numbers import Real
 
 import torch
 
+from .layout import pages_in_use
+
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -283,8 +285,6 @@ def check_block_table(block_table, k_cache, batch: int, device, cache_name: str)
 def check_pages_in_use(block_table, lengths: torch.Tensor, k_cache, cache_name: str) -> None:
     """The pages holding each sequence's first lengths[b] positions must be blocks of the cache
     (one host read)."""
-    page_size = k_cache.shape[1]
-    pages = (lengths.long().to(block_table.device)[:, None] + page_size - 1) // page_size
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages
+    used = pages_in_use(block_table, lengths, k_cache.shape[1])
     if bool((used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any()):
         raise ValueError(f"block_table entries in use must lie in 0..{k_cache.shape[0] - 1} ({cache_name}'s blocks)")

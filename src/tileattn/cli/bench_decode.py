@@ -85,13 +85,21 @@ def _cache(case: Case, dtype, device):
     return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
 
+def l2_bytes(device) -> int:
+    """The GPU's L2 cache size (0 on the CPU)."""
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+
+
+def copies_past_l2(nbytes: int, device) -> int:
+    """How many copies of an operand of nbytes hold twice the GPU's L2, so that timing them in
+    turn reads memory, as a model's layers do (1 on the CPU and for large operands, at most 16)."""
+    return max(1, min(16, -(-2 * l2_bytes(device) // nbytes)))
+
+
 def _copies(case: Case, dtype, device) -> int:
-    """How many caches of this case hold twice the GPU's L2 (1 on the CPU and for large caches)."""
-    if device.type != "cuda":
-        return 1
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    one = 2 * case.batch * case.seqlen * case.heads_kv * case.head_dim * torch.finfo(dtype).bits // 8
-    return max(1, min(16, -(-2 * l2 // one)))
+    """How many caches of this case hold twice the GPU's L2."""
+    return copies_past_l2(2 * case.batch * case.seqlen * case.heads_kv * case.head_dim * torch.finfo(dtype).bits // 8,
+                          device)
 
 
 def _rotating(call, inputs: list):

@@ -24,7 +24,7 @@ import torch
 from ..generation import CAPACITY_STEP
 from ..kernels.gemv import gemv
 from ..kvcache import flash_attn_with_kvcache
-from .bench_decode import _rotating
+from .bench_decode import _rotating, copies_past_l2, l2_bytes
 from .rounds import timed_rounds
 
 NEW_TOKENS = 256  # the cache holds the prompt and the tokens the generation bench decodes
@@ -40,15 +40,6 @@ class KernelRow:
     @property
     def tbps(self) -> float | None:
         return self.mbytes / self.us if self.us else None
-
-
-def _l2_bytes(device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-
-
-def _copies(nbytes: int, device) -> int:
-    """Operand copies that hold twice the GPU's L2 (one on the CPU)."""
-    return max(1, min(16, -(-2 * _l2_bytes(device) // nbytes)))
 
 
 def _shapes(device) -> dict:
@@ -79,7 +70,7 @@ def step_kernels(device, prompt: int) -> dict:
     leftpad = torch.zeros(1, dtype=torch.int32, device=device)
     # transformers' cache layout, (batch, heads, capacity, dim), seen through a transpose
     caches = [tuple(randn(1, heads, capacity, dim).transpose(1, 2) for _ in range(2))
-              for _ in range(_copies(kv_bytes, device))]
+              for _ in range(copies_past_l2(kv_bytes, device))]
 
     def attention(k, v):
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, cache_leftpad=leftpad, causal=True)
@@ -87,11 +78,11 @@ def step_kernels(device, prompt: int) -> dict:
     x, act = randn(hidden), randn(inter)
     joined_bytes = (qkv + inter) * hidden * size
     joined = [(randn(qkv + inter, hidden, scale=0.02), randn(qkv + inter))
-              for _ in range(_copies(joined_bytes, device))]
+              for _ in range(copies_past_l2(joined_bytes, device))]
     summed_bytes = (inter + hidden) * hidden * size
     summed = [(randn(hidden, inter, scale=0.02), randn(hidden), randn(hidden, hidden, scale=0.02), randn(hidden))
-              for _ in range(_copies(summed_bytes, device))]
-    copied = max(kv_bytes, 2 * _l2_bytes(device))  # past L2 at short prompts too
+              for _ in range(copies_past_l2(summed_bytes, device))]
+    copied = max(kv_bytes, 2 * l2_bytes(device))  # past L2 at short prompts too
     src = randn(copied // size)
     dst = torch.empty_like(src)
     return {

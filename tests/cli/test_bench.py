@@ -118,6 +118,36 @@ def test_generation_bench_reports_a_steady_decode_rate(tmp_path, monkeypatch):
         assert float(cells[5]) > 0  # steady decode tok/s
 
 
+def test_generation_bench_times_the_named_fast_paths_for_rounds(tmp_path, monkeypatch, capsys):
+    """--fast-paths picks the paths (a graphed one is skipped, with a word, off CUDA) and
+    --rounds repeats the steady measurement: a long and a quarter-length run per round, the
+    row at the mean step's rate."""
+    from ..tiny_models import CONFIGS
+
+    monkeypatch.setattr(bench, "phi2_config", CONFIGS["phi"])
+    lengths = []
+    timed = bench_generate.timed_fast_generate
+
+    def counting(*args, **kwargs):
+        lengths.append(args[2])
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(bench_generate, "timed_fast_generate", counting)
+    args = ["bench", "--no-speed", "--no-memory", "--generation", "--prompt-lengths", "12", "--new-tokens", "8",
+            "--generation-attns", "--fast-paths", "plain", "graph", "--rounds", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    # warm-up, the length's first call, five prefills, then three (8, 2) pairs
+    assert lengths == [4, 3] + [1] * 5 + [8, 2] * 3
+    out = capsys.readouterr().out
+    assert "fast path graph: skipped" in out
+    per_round = next(line for line in out.splitlines() if "steady step ms per round" in line)
+    steps = [float(t) for t in per_round.split("per round ")[1].split(", mean")[0].split(", ")]
+    assert len(steps) == 3 and all(t > 0 for t in steps)
+    rows = [line for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| 12 |")]
+    assert len(rows) == 1 and rows[0].startswith("| 12 | tileattn-fast |")
+    assert float(rows[0].split("|")[5]) == pytest.approx(1e3 / (sum(steps) / 3), rel=2e-2)  # the mean step's rate
+
+
 @pytest.mark.parametrize("flag", ["--seqlens", "--head-dims", "--prompt-lengths", "--rounds"])
 def test_lengths_and_counts_below_one_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

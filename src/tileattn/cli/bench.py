@@ -27,6 +27,9 @@ from .bench_variants import variants_bench, variants_plot, variants_table
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
+# tileattn.generation's paths the generation bench can time: generate()'s options for each
+FAST_PATHS = {"plain": dict(cuda_graph=False), "graph": dict(cuda_graph=True),
+              "compile": dict(cuda_graph=True, compile=True)}
 
 
 def _positive(text: str) -> int:
@@ -56,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive, default=1, help="prompts per generate call for --generation")
     p.add_argument("--compile-step", action="store_true",
                    help="--generation on CUDA: also the fast path with prefill and decode step through torch.compile")
+    p.add_argument("--fast-paths", nargs="*", choices=list(FAST_PATHS),
+                   help="--generation: only these tileattn fast paths (plain: no CUDA graph; graph: each step "
+                        "replayed from one; compile: graphed steps through torch.compile); default plain and "
+                        "graph, and compile with --compile-step")
     p.add_argument("--overlap-ab", action="store_true",
                    help="--generation: also each tileattn fast path on one stream (no MLP beside the attention)")
     p.add_argument("--generation-attns", nargs="*", default=["tileattn", "sdpa", "eager"],
@@ -69,9 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
-    p.add_argument("--rounds", type=_positive, default=3,
-                   help="--decode and --variants: time the implementations in turn this many times and report "
-                        "each one's median")
+    p.add_argument("--rounds", type=_positive,
+                   help="--decode, --variants and --step-kernels: time the implementations in turn this many "
+                        "times and report each one's median (default 3); --generation: measure the steady "
+                        "decode rate this many times and report the mean (default 1)")
     p.add_argument("--paged-varlen", action="store_true",
                    help="packed queries over a paged cache (flash_attn_varlen_func's block_table) against "
                         "flash_attn_with_kvcache and the dense varlen kernel, and prefill chunks over a dense "
@@ -326,19 +334,24 @@ def phi2_model(device):
 
 
 def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, compile_step: bool = False,
-                     attns=("tileattn", "sdpa", "eager"), overlap_ab: bool = False) -> list[tuple]:
+                     attns=("tileattn", "sdpa", "eager"), overlap_ab: bool = False, fast_paths=None,
+                     rounds: int = 1) -> list[tuple]:
     """Prefill and decode speed and peak memory: transformers' generate under each attention, and
-    tileattn's fast path (static cache, KV-cache kernel; with a CUDA graph per step on CUDA, and
-    with compile_step also through torch.compile). overlap_ab: each fast path also on one stream
-    (generate(overlap=False)), right after it."""
+    tileattn's fast paths (static cache, KV-cache kernel; fast_paths names FAST_PATHS entries,
+    default plain and graph, and compile with compile_step; CUDA graphs need CUDA). overlap_ab:
+    each fast path also on one stream (generate(overlap=False)), right after it. rounds: how many
+    times the steady decode rate is measured; the row holds the mean step's rate."""
     from .generate import fast_label, timed_fast_generate, timed_generate
 
     model = phi2_model(device)
-    fast = [dict(cuda_graph=False)]
-    if device.type == "cuda":
-        fast.append(dict(cuda_graph=True))
-        if compile_step:
-            fast.append(dict(cuda_graph=True, compile=True))
+    if fast_paths is None:
+        fast_paths = ["plain"] + (["graph"] + (["compile"] if compile_step else []) if device.type == "cuda" else [])
+    fast = []
+    for name in fast_paths:
+        if FAST_PATHS[name].get("cuda_graph") and device.type != "cuda":
+            log(f"   fast path {name}: skipped, CUDA graphs need CUDA")
+        else:
+            fast.append(FAST_PATHS[name])
     if overlap_ab:
         fast = [twin for options in fast for twin in (options, dict(options, overlap=False))]
     runs = [(fast_label(**options), "tileattn", dict(options, fast=True)) for options in fast]
@@ -363,11 +376,17 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, co
                 # one prefill is tens of ms, where the host's jitter shows (the same forward read 36 and
                 # 44 ms in one run): the median of five time-to-first-token runs
                 prefill_s = statistics.median(run(ids, 1, **options).prefill_s for _ in range(5))
-                r = run(ids, new_tokens, **options)
                 # steady: without the first step's warm-up and a graph's capture, which the decode
-                # rate above counts; from a quarter-length run, whose prefill and first step cancel
-                short = run(ids, max(2, new_tokens // 4), **options)
-                steady = batch * (len(r.tokens) - len(short.tokens)) / (r.total_s - short.total_s)
+                # rate counts; from a quarter-length run, whose prefill and first step cancel
+                pairs = [(run(ids, new_tokens, **options), run(ids, max(2, new_tokens // 4), **options))
+                         for _ in range(rounds)]
+                r = pairs[0][0]
+                steps = [(long.total_s - short.total_s) / (len(long.tokens) - len(short.tokens))
+                         for long, short in pairs]
+                if rounds > 1:
+                    log(f"   prompt {n} x{batch} {label}: steady step ms per round "
+                        + ", ".join(f"{t * 1e3:.3f}" for t in steps) + f", mean {statistics.mean(steps) * 1e3:.3f}")
+                steady = batch / statistics.mean(steps)
                 row = (n, label, batch * n / prefill_s, batch * r.decode_tok_s, steady, r.peak_mib / 1024)
             except torch.OutOfMemoryError:
                 row = (n, label, None, None, None, None)
@@ -435,7 +454,8 @@ def write_report(out_dir, device, dtype, cells, memory_rows, accuracy_ok, genera
         lines += ["Generation, Phi-2 architecture (2.7B, head dim 80), random weights, greedy; tokens/s over the "
                   "whole batch; tileattn-fast is tileattn.generation, the others transformers' generate; decode "
                   "over one run of all new tokens (its first step and a graph's capture included), steady decode "
-                  "the tokens it has over a quarter-length run per extra second:", "",
+                  "the tokens it has over a quarter-length run per extra second (with --rounds N, at the mean of N "
+                  "such steps):", "",
                   "| prompt | path | prefill tok/s | decode tok/s | steady decode tok/s | peak GiB |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {n} | {attn} | {_fmt(p)} | {_fmt(d)} | {_fmt(st)} | {_fmt(m)} |"
@@ -554,7 +574,8 @@ def run(args) -> int:
     if args.generation:
         log(f"== generation, Phi-2 architecture, random weights, batch {args.batch}")
         generation_rows = generation_bench(device, args.prompt_lengths, args.new_tokens, log, args.batch,
-                                           args.compile_step, args.generation_attns, args.overlap_ab)
+                                           args.compile_step, args.generation_attns, args.overlap_ab,
+                                           args.fast_paths, args.rounds or 1)
     step_profiles = []
     if args.step_profile:
         log(f"== decode step profile, Phi-2 architecture, {args.step_profile} steps")
@@ -563,11 +584,11 @@ def run(args) -> int:
     if args.step_kernels:
         log("== a decode step's big kernels alone")
         kernel_rows = step_kernels_bench(device, args.prompt_lengths, log, lambda fn: _bench(fn, device, graph=True),
-                                         args.rounds)
+                                         args.rounds or 3)
     decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")
-        decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True), rounds=args.rounds)
+        decode_rows = decode_bench(device, log, lambda fn: _bench(fn, device, graph=True), rounds=args.rounds or 3)
     if args.paged_varlen:
         log("== packed queries over a paged cache (flash_attn_varlen_func's block_table)")
         packed_rows = packed_paged_bench(device, log, lambda fn: _bench(fn, device, graph=True))
@@ -583,7 +604,7 @@ def run(args) -> int:
     variant_rows = ()
     if args.variants:
         log("== attention variants against plain causal attention")
-        variant_rows = variants_bench(device, log, _bench, args.rounds)
+        variant_rows = variants_bench(device, log, _bench, args.rounds or 3)
     text = write_report(args.out, device, dtype, cells, memory_rows, accuracy_ok, generation_rows, decode_rows,
                         ring_rows, variant_rows, packed_rows, chunk_rows, step_profiles, kernel_rows)
     log("\n" + text)

@@ -76,6 +76,24 @@ def test_step_kernels_bench_times_each_kernel_beside_a_copy(tmp_path):
     assert all(float(r[3]) > 0 for r in rows)
 
 
+def test_step_kernels_bench_times_forced_decode_configs_at_each_split_count(tmp_path):
+    """--decode-configs adds a row per (config, split count), checked against the tuned
+    attention before it is timed (the CPU path has no tiles: the rows only show the plumbing)."""
+    assert main(["bench", "--no-speed", "--no-memory", "--step-kernels", "--prompt-lengths", "40", "--rounds", "1",
+                 "--decode-configs", "32,1,4", "64,4,3", "--decode-splits", "2", "4", "--out", str(tmp_path)]) == 0
+    rows = [line.split(" | ") for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| 40 |")]
+    forced = [r[1] for r in rows if "config" in r[1]]
+    assert forced == [f"attention, config {c}, {n} splits" for c in ("(32, 1, 4)", "(64, 4, 3)") for n in (2, 4)]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("value", ["32,1", "32,0,3", "a,1,3"])
+def test_a_malformed_decode_config_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--decode-configs", value])
+    assert exit_info.value.code == 2 and "BLOCK_N,WARPS,STAGES" in capsys.readouterr().err
+
+
 def test_paged_varlen_bench_times_three_ways(tmp_path):
     """Packed queries over pages: the varlen call, flash_attn_with_kvcache and packed K/V, each
     checked against the packed kernel before it is timed; and a prefill chunk over a dense
@@ -148,7 +166,7 @@ def test_generation_bench_times_the_named_fast_paths_for_rounds(tmp_path, monkey
     assert float(rows[0].split("|")[5]) == pytest.approx(1e3 / (sum(steps) / 3), rel=2e-2)  # the mean step's rate
 
 
-@pytest.mark.parametrize("flag", ["--seqlens", "--head-dims", "--prompt-lengths", "--rounds"])
+@pytest.mark.parametrize("flag", ["--seqlens", "--head-dims", "--prompt-lengths", "--rounds", "--decode-splits"])
 def test_lengths_and_counts_below_one_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", flag, "0"])

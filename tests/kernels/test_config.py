@@ -199,3 +199,11 @@ def test_dropout_never_gets_a_key_tile_narrower_than_its_bit_groups(monkeypatch,
     dropout_tiles, plain_tiles = tuned
     assert dropout_tiles and all(n % KEY_GROUP == 0 for n in dropout_tiles)
     assert 16 in plain_tiles
+
+
+def test_only_config_lists_one_config_inside_its_block_and_restores_the_lists():
+    before = config.configs("decode", 64)
+    with pytest.raises(KeyError), config.only_config("decode", (None, 32, 1, 2)):
+        assert config.configs("decode", 64) == config.configs("decode", 128) == [(None, 32, 1, 2)]
+        raise KeyError("the lists come back after an error too")
+    assert config.configs("decode", 64) == before

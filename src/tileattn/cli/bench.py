@@ -40,6 +40,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _decode_config(text: str) -> tuple[int, int, int]:
+    """argparse type: a decode tile config BLOCK_N,WARPS,STAGES, e.g. 32,1,4."""
+    try:
+        config = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        config = ()
+    if len(config) != 3 or min(config) < 1:
+        raise argparse.ArgumentTypeError(f"expected BLOCK_N,WARPS,STAGES (three positive integers), got {text!r}")
+    return config
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="run the accuracy matrix at real sizes first")
     p.add_argument("--no-speed", action="store_true", help="skip the speed grid")
@@ -73,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-kernels", action="store_true",
                    help="a Phi-2 decode step's attention and GEMVs alone at each --prompt-lengths prompt, beside a "
                         "device copy, then once more each inside a cudaProfilerStart/Stop range (for ncu)")
+    p.add_argument("--decode-configs", type=_decode_config, nargs="+", default=[], metavar="BLOCK_N,WARPS,STAGES",
+                   help="--step-kernels: also the attention with each decode tile config forced, at each "
+                        "--decode-splits count")
+    p.add_argument("--decode-splits", type=_positive, nargs="+", default=[8, 16, 32],
+                   help="split counts for --decode-configs")
     p.add_argument("--decode", action="store_true",
                    help="also measure KV-cache decode bandwidth (dense, paged, transformers' layout) against "
                         "SDPA flash/cuDNN")
@@ -584,7 +600,7 @@ def run(args) -> int:
     if args.step_kernels:
         log("== a decode step's big kernels alone")
         kernel_rows = step_kernels_bench(device, args.prompt_lengths, log, lambda fn: _bench(fn, device, graph=True),
-                                         args.rounds or 3)
+                                         args.rounds or 3, args.decode_configs, args.decode_splits)
     decode_rows, packed_rows, chunk_rows = [], [], []
     if args.decode:
         log("== KV-cache decode bandwidth")

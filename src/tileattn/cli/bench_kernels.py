@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import CAPACITY_STEP
+from ..kernels.config import only_config
 from ..kernels.gemv import gemv
 from ..kvcache import flash_attn_with_kvcache
 from .bench_decode import _rotating, copies_past_l2, l2_bytes
@@ -51,9 +52,12 @@ def _shapes(device) -> dict:
     return dict(heads=cfg.num_attention_heads, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size)
 
 
-def step_kernels(device, prompt: int) -> dict:
+def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> dict:
     """{name: (fn, bytes read)} of one layer's big decode-step kernels at this prompt length,
-    each fn rotating over its operand copies; the copy moves at least the attention's bytes."""
+    each fn rotating over its operand copies; the copy moves at least the attention's bytes.
+    decode_configs: also the attention with each (BLOCK_N, num_warps, num_stages) forced (the
+    GPU's decode kernel; the CPU path has no tiles) at each split count, checked first against
+    the tuned attention."""
     shapes = _shapes(device)
     heads, hidden, inter = shapes["heads"], shapes["hidden"], shapes["intermediate"]
     dim, qkv = hidden // heads, 3 * hidden
@@ -72,8 +76,22 @@ def step_kernels(device, prompt: int) -> dict:
     caches = [tuple(randn(1, heads, capacity, dim).transpose(1, 2) for _ in range(2))
               for _ in range(copies_past_l2(kv_bytes, device))]
 
-    def attention(k, v):
-        return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, cache_leftpad=leftpad, causal=True)
+    def attention(k, v, config=None, num_splits=0):
+        if config is None:
+            return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, cache_leftpad=leftpad, causal=True)
+        with only_config("decode", (None, *config)):
+            return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, cache_leftpad=leftpad, causal=True,
+                                           num_splits=num_splits)
+
+    forced = {}
+    tuned = attention(*caches[0]).float()
+    for config in decode_configs:
+        for n in splits:
+            diff = (attention(*caches[0], config, n).float() - tuned).abs().max().item()
+            if diff > 2e-2:
+                raise AssertionError(f"decode config {config} at {n} splits differs from the tuned one by {diff:.2e}")
+            forced[f"attention, config {tuple(config)}, {n} splits"] = (
+                _rotating(lambda k, v, config=config, n=n: attention(k, v, config, n), caches), kv_bytes)
 
     x, act = randn(hidden), randn(inter)
     joined_bytes = (qkv + inter) * hidden * size
@@ -87,6 +105,7 @@ def step_kernels(device, prompt: int) -> dict:
     dst = torch.empty_like(src)
     return {
         f"attention over {prompt} keys (split + merge)": (_rotating(attention, caches), kv_bytes),
+        **forced,
         "q/k/v + up GEMV, GELU": (_rotating(lambda w, b: gemv(x, w, b, activation="gelu_tanh", activation_from=qkv),
                                             joined), joined_bytes),
         "down + output GEMV, summed": (_rotating(lambda w, b, w2, b2: gemv(act, w, b, x2=x, weight2=w2, bias2=b2),
@@ -95,11 +114,13 @@ def step_kernels(device, prompt: int) -> dict:
     }
 
 
-def step_kernels_bench(device, prompt_lengths, log, timer, rounds: int) -> list[tuple[int, KernelRow]]:
-    """Rows (prompt, KernelRow); timer(fn) -> ms. Ends with one profiler-range call of each."""
+def step_kernels_bench(device, prompt_lengths, log, timer, rounds: int, decode_configs=(),
+                       splits=(8, 16, 32)) -> list[tuple[int, KernelRow]]:
+    """Rows (prompt, KernelRow); timer(fn) -> ms. Ends with one profiler-range call of each.
+    decode_configs, splits: as step_kernels takes them."""
     rows, probes = [], []
     for prompt in prompt_lengths:
-        kernels = step_kernels(device, prompt)
+        kernels = step_kernels(device, prompt, decode_configs, splits)
         for fn, _ in kernels.values():
             fn()  # compile and tune outside the timing
         ms = timed_rounds(timer, {name: fn for name, (fn, _) in kernels.items()}, rounds, log)

@@ -7,6 +7,7 @@ the interpreter, so one small, deliberately non-square shape is used there;
 ``TILEATTN_AUTOTUNE=0`` takes the first (heuristic) config on the GPU too.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -245,6 +246,19 @@ def configs(kind: str, block_d: int, precision: str = "tf32") -> list:
     if precision == "ieee":
         return _FP32_CONFIGS[kind][128 if block_d <= 128 else 256]
     return _GPU_CONFIGS[kind][_head_class(block_d)]
+
+
+@contextlib.contextmanager
+def only_config(kind: str, config: tuple):
+    """Within this block every head-dim class of a kernel kind lists this one config (BLOCK_M,
+    BLOCK_N, num_warps, num_stages): benchmarks sweep configs this way. A list is part of the key
+    each choice is kept under, so choices made outside the block stay as they were."""
+    saved = _GPU_CONFIGS[kind]
+    _GPU_CONFIGS[kind] = {head_class: [tuple(config)] for head_class in saved}
+    try:
+        yield
+    finally:
+        _GPU_CONFIGS[kind] = saved
 
 
 def _meta(block_m, block_n) -> dict:

@@ -84,7 +84,7 @@ def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> 
                                            num_splits=num_splits)
 
     forced = {}
-    tuned = attention(*caches[0]).float()
+    tuned = attention(*caches[0]).float() if decode_configs else None
     for config in decode_configs:
         for n in splits:
             diff = (attention(*caches[0], config, n).float() - tuned).abs().max().item()

@@ -71,7 +71,7 @@ def test_step_kernels_bench_times_each_kernel_beside_a_copy(tmp_path):
     assert main(["bench", "--no-speed", "--no-memory", "--step-kernels", "--prompt-lengths", "40", "--rounds", "1",
                  "--out", str(tmp_path)]) == 0
     rows = [line.split(" | ") for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| 40 |")]
-    assert [r[1].split(" ")[0] for r in rows] == ["attention", "q/k/v", "down", "device"]
+    assert [r[1].split(" ")[0] for r in rows] == ["attention", "q/k/v", "down", "device", "read"]
     assert float(rows[0][2]) == 2 * 4 * 40 * 32 * 4 / 1e6
     assert all(float(r[3]) > 0 for r in rows)
 

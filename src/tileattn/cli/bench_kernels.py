@@ -4,7 +4,8 @@ A Phi-2 step at a long prompt is two families of memory-bound kernels: the KV-ca
 (split kernel and merge) reading the cache, and the GEMVs reading the weights; what separates
 the step from its memory ceiling is their read rate. Each is timed here replayed from a CUDA
 graph over enough copies of its operands that L2 does not serve them (a step reads every byte
-once), in turn with a device copy, the ceiling, so all figures come from the same rounds.
+once), in turn with the ceilings, so all figures come from the same rounds: a device copy and
+a plain read (a Triton kernel summing the bytes; a read outruns a copy, which also writes).
 (``--step-profile`` shows the same kernels inside the step, between the small ones.)
 
 Then one more call of each runs between cudaProfilerStart and cudaProfilerStop, so that
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from ..generation import CAPACITY_STEP
 from ..kernels.config import only_config
@@ -43,6 +46,29 @@ class KernelRow:
         return self.mbytes / self.us if self.us else None
 
 
+READ_PROGRAMS, READ_BLOCK = 528, 4096  # 4 programs of 8 warps an SM: 3.06 TB/s on an H100 (BENCHMARKS.md)
+
+
+@triton.jit
+def _read_kernel(X, Out, n, per_program, BLOCK: tl.constexpr):
+    """Each program sums its contiguous share of X: a read at the rate memory serves one."""
+    start = tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.range(0, per_program, BLOCK, num_stages=4):
+        offs = start + i + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(Out + tl.program_id(0), tl.sum(acc))
+
+
+def _read(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Read every element of x once (on the CPU, a sum: the command only shows it runs there)."""
+    if x.device.type != "cuda":
+        out[0] = x.sum()
+        return
+    per = triton.cdiv(triton.cdiv(x.numel(), READ_PROGRAMS), READ_BLOCK) * READ_BLOCK
+    _read_kernel[(READ_PROGRAMS,)](x, out, x.numel(), per, BLOCK=READ_BLOCK, num_warps=8)
+
+
 def _shapes(device) -> dict:
     if device.type != "cuda":
         return TOY
@@ -54,7 +80,8 @@ def _shapes(device) -> dict:
 
 def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> dict:
     """{name: (fn, bytes read)} of one layer's big decode-step kernels at this prompt length,
-    each fn rotating over its operand copies; the copy moves at least the attention's bytes.
+    each fn rotating over its operand copies; a device copy and a plain read (the ceilings) move
+    at least the attention's bytes.
     decode_configs: also the attention with each (BLOCK_N, num_warps, num_stages) forced (the
     GPU's decode kernel; the CPU path has no tiles) at each split count, checked first against
     the tuned attention."""
@@ -103,6 +130,7 @@ def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> 
     copied = max(kv_bytes, 2 * l2_bytes(device))  # past L2 at short prompts too
     src = randn(copied // size)
     dst = torch.empty_like(src)
+    sums = torch.empty(READ_PROGRAMS, dtype=torch.float32, device=device)
     return {
         f"attention over {prompt} keys (split + merge)": (_rotating(attention, caches), kv_bytes),
         **forced,
@@ -111,6 +139,7 @@ def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> 
         "down + output GEMV, summed": (_rotating(lambda w, b, w2, b2: gemv(act, w, b, x2=x, weight2=w2, bias2=b2),
                                                  summed), summed_bytes),
         f"device copy of {copied / 1e6:.3g} MB": (lambda: dst.copy_(src), 2 * copied),
+        f"read of {copied / 1e6:.3g} MB": (lambda: _read(src, sums), copied),
     }
 
 

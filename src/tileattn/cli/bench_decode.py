@@ -190,13 +190,18 @@ CHUNKS_TOY = [(2, 40, 64, 4, 2, 32)]
 CHUNK_IMPLS = ["kvcache, dense", "flash_attn_func"]
 
 
+def check_agrees(out: torch.Tensor, ref: torch.Tensor, name: str, reference: str, where) -> None:
+    """A benchmarked implementation's output must match the reference one's before it is timed."""
+    diff = (out.float().reshape(ref.shape) - ref.float()).abs().max().item()
+    if diff > 2e-2:
+        raise AssertionError(f"{name} differs from {reference} by {diff:.2e} at {where}")
+
+
 def _checked_times(impls: dict, reference: str, timer, where) -> dict:
     """{impl: ms}, each implementation first checked against the reference one's output."""
     ref = impls[reference]().float()
     for name, fn in impls.items():
-        diff = (fn().float().reshape(ref.shape) - ref).abs().max().item()
-        if diff > 2e-2:
-            raise AssertionError(f"{name} differs from {reference} by {diff:.2e} at {where}")
+        check_agrees(fn(), ref, name, reference, where)
     return {name: time_or_none(timer, fn) for name, fn in impls.items()}
 
 

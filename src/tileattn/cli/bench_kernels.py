@@ -28,7 +28,7 @@ from ..generation import CAPACITY_STEP
 from ..kernels.config import only_config
 from ..kernels.gemv import gemv
 from ..kvcache import flash_attn_with_kvcache
-from .bench_decode import _rotating, copies_past_l2, l2_bytes
+from .bench_decode import _rotating, check_agrees, copies_past_l2, l2_bytes
 from .rounds import timed_rounds
 
 NEW_TOKENS = 256  # the cache holds the prompt and the tokens the generation bench decodes
@@ -111,12 +111,11 @@ def step_kernels(device, prompt: int, decode_configs=(), splits=(8, 16, 32)) -> 
                                            num_splits=num_splits)
 
     forced = {}
-    tuned = attention(*caches[0]).float() if decode_configs else None
+    tuned = attention(*caches[0]) if decode_configs else None
     for config in decode_configs:
         for n in splits:
-            diff = (attention(*caches[0], config, n).float() - tuned).abs().max().item()
-            if diff > 2e-2:
-                raise AssertionError(f"decode config {config} at {n} splits differs from the tuned one by {diff:.2e}")
+            check_agrees(attention(*caches[0], config, n), tuned, f"decode config {config} at {n} splits",
+                         "the tuned attention", f"{prompt} keys")
             forced[f"attention, config {tuple(config)}, {n} splits"] = (
                 _rotating(lambda k, v, config=config, n=n: attention(k, v, config, n), caches), kv_bytes)
 

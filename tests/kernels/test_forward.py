@@ -139,7 +139,7 @@ BOUNDED = {
     "bf16-cap50-scores-near-minus-cap": (torch.bfloat16, 50.0, 1.2, -1, {}),
     "bf16-cap50-scores-near-cap": (torch.bfloat16, 50.0, 1.2, 1, {}),
     "bf16-cap30-mixed-sink-window-empty-rows": (torch.bfloat16, 30.0, 0.5, 0,
-                                                dict(window_size=(0, 0), learnable_sink=True)),
+                                                dict(window_size=(0, 1), learnable_sink=True)),
     "fp32-cap5-mixed": (torch.float32, 5.0, None, 0, {}),
 }
 
@@ -148,7 +148,7 @@ BOUNDED = {
 def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, name):
     """A softcap (up to 50, no ALiBi) bounds the scores, so bf16 and fp32 forwards (and decode:
     test_decode's bounded test) shift them by one constant instead of a running max (BOUNDED).
-    Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 0),
+    Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 1),
     Sq > Sk) against the oracle within the 2x-PyTorch rule, outputs poisoned; 45 keys make one
     unmasked tile and one masked."""
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
@@ -170,6 +170,36 @@ def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, n
     lse = torch.full((2, 4, 70), float("nan"), device=DEVICE)
     kernels.forward(q, k, v, scale or 80**-0.5, False, out=out, lse=lse, softcap=cap, **variants)
     assert not out.isnan().any() and not lse.isnan().any()
+
+
+# name: (seqlen_k, causal, window_size), each leaving every query row one key
+ONE_KEY = {"one-key": (1, False, (-1, -1)), "window-0-0": (40, False, (0, 0)),
+           "causal-window-left-0": (40, True, (0, -1))}
+
+
+@pytest.mark.parametrize("name", ONE_KEY, ids=list(ONE_KEY))
+def test_softcap_rows_of_one_key_keep_the_running_max(launch_flags, monkeypatch, name):
+    """Where no row sees more than one key its probability is 1, which the bounded shift would
+    round to bf16 in the output's sum but not in its normalizer; the backward's rowsum(dO * out)
+    then missed dO.v by up to 2**-9 of it, and dq and dk, exactly 0 whatever the scores, came out
+    at 0.15-0.30 here (forward.several_keys). Those launches keep the running max: out, LSE and dv pass the
+    2x rule, dq and dk carry only fp32 rounding (the 2x rule's floor, 1e-6 at a scale of 0, is
+    below what rowsum(dO * out) against dO.v leaves in any FlashAttention: ~5e-6 here). Two keys
+    a row take the bound again."""
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    seqlen_k, causal, window = ONE_KEY[name]
+    q, k, v = make_qkv(2, 40, seqlen_k, 4, 2, 48, dtype=torch.bfloat16)
+    checks = check_attention(flash_attn_func, q, k, v, causal=causal, softmax_scale=1.0, softcap=50.0,
+                             window_size=window)
+    failed = [str(c) for c in checks if not (c.ok if c.name in ("out", "lse", "dv") else c.err < 1e-4)]
+    assert not failed, failed
+    assert [f["BOUNDED"] for f in flags] == [0]
+    flags.clear()
+    wider = (1, 1) if window != (-1, -1) else window
+    kernels.forward(*make_qkv(1, 40, max(seqlen_k, 2), 4, 2, 48, dtype=torch.bfloat16), 1.0, causal, softcap=50.0,
+                    window_size=wider)
+    assert [f["BOUNDED"] for f in flags] == [2]
 
 
 def test_softcap_keeps_the_running_max_where_the_bound_does_not_serve(launch_flags):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from tileattn import flash_attn_func, kernels
+from tileattn import flash_attn_func, flash_attn_varlen_func, kernels
 from tileattn.kernels import config
 from tileattn.kernels.config import desc_block_setter, head_blocks
 from tileattn.kernels.forward import DESC_ROWS, HOST_TMA_DEFAULT, SPLIT_DEFAULT, _host_descs, _select, check_offsets
 from tileattn.reference import attention_ref
-from tileattn.testing import check_attention
+from tileattn.testing import Check, _rounding_atol, check_attention
 
 from ..helpers import DEVICE, make_qkv, shape_id
 
@@ -139,7 +139,7 @@ BOUNDED = {
     "bf16-cap50-scores-near-minus-cap": (torch.bfloat16, 50.0, 1.2, -1, {}),
     "bf16-cap50-scores-near-cap": (torch.bfloat16, 50.0, 1.2, 1, {}),
     "bf16-cap30-mixed-sink-window-empty-rows": (torch.bfloat16, 30.0, 0.5, 0,
-                                                dict(window_size=(0, 1), learnable_sink=True)),
+                                                dict(window_size=(0, 0), learnable_sink=True)),
     "fp32-cap5-mixed": (torch.float32, 5.0, None, 0, {}),
 }
 
@@ -148,7 +148,7 @@ BOUNDED = {
 def test_bounded_softcap_scores_need_no_running_max(launch_flags, monkeypatch, name):
     """A softcap (up to 50, no ALiBi) bounds the scores, so bf16 and fp32 forwards (and decode:
     test_decode's bounded test) shift them by one constant instead of a running max (BOUNDED).
-    Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 1),
+    Scores saturated near either end of the cap, sinks and rows that see no key (window (0, 0),
     Sq > Sk) against the oracle within the 2x-PyTorch rule, outputs poisoned; 45 keys make one
     unmasked tile and one masked."""
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
@@ -178,14 +178,14 @@ ONE_KEY = {"one-key": (1, False, (-1, -1)), "window-0-0": (40, False, (0, 0)),
 
 
 @pytest.mark.parametrize("name", ONE_KEY, ids=list(ONE_KEY))
-def test_softcap_rows_of_one_key_keep_the_running_max(launch_flags, monkeypatch, name):
-    """Where no row sees more than one key its probability is 1, which the bounded shift would
-    round to bf16 in the output's sum but not in its normalizer; the backward's rowsum(dO * out)
-    then missed dO.v by up to 2**-9 of it, and dq and dk, exactly 0 whatever the scores, came out
-    at 0.15-0.30 here (forward.several_keys). Those launches keep the running max: out, LSE and dv pass the
-    2x rule, dq and dk carry only fp32 rounding (the 2x rule's floor, 1e-6 at a scale of 0, is
-    below what rowsum(dO * out) against dO.v leaves in any FlashAttention: ~5e-6 here). Two keys
-    a row take the bound again."""
+def test_bounded_softcap_rows_of_one_key_are_exact(launch_flags, monkeypatch, name):
+    """A row that sees one key has p = 1. Under the bounded shift that p rounded to bf16 in the
+    output's sum but not in its normalizer (out = v * bf16(p) / p), and the backward's rowsum(dO
+    * out) then missed dO.v: dq and dk, exactly 0 whatever the scores, came out at 0.15-0.30
+    here. Masked tiles, where such rows see their keys, keep the running max (BOUNDED still on):
+    out, LSE and dv pass the 2x rule, dq and dk carry only fp32 rounding (the rule's floor, 1e-6
+    at a scale of 0, is below what rowsum(dO * out) against dO.v leaves in any FlashAttention:
+    ~5e-6 here)."""
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
     flags = launch_flags("tileattn.kernels.forward", "_fwd")
     seqlen_k, causal, window = ONE_KEY[name]
@@ -194,11 +194,56 @@ def test_softcap_rows_of_one_key_keep_the_running_max(launch_flags, monkeypatch,
                              window_size=window)
     failed = [str(c) for c in checks if not (c.ok if c.name in ("out", "lse", "dv") else c.err < 1e-4)]
     assert not failed, failed
-    assert [f["BOUNDED"] for f in flags] == [0]
-    flags.clear()
-    wider = (1, 1) if window != (-1, -1) else window
-    kernels.forward(*make_qkv(1, 40, max(seqlen_k, 2), 4, 2, 48, dtype=torch.bfloat16), 1.0, causal, softcap=50.0,
-                    window_size=wider)
+    assert [f["BOUNDED"] for f in flags] == [2]
+
+
+def test_bounded_softcap_packed_one_key_sequence(monkeypatch):
+    """A packed batch whose longest sequence runs unmasked tiles under the bound, beside a
+    sequence of 100 queries over one key: with the shift rounding their p = 1, dq was 1.8e-2
+    off (PyTorch's bf16 2.9e-3, the rule's bound 1e-2). Per sequence, the 2x rule."""
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    lens_q, lens_k = (33, 100, 100, 1), (0, 200, 1, 9)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for n in (lens_q, lens_k))
+    q = torch.randn(sum(lens_q), 4, 32, device=DEVICE).abs().bfloat16()
+    k, v = (torch.randn(sum(lens_k), 2, 32, device=DEVICE).abs().bfloat16() for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_attn_varlen_func(*leaves, cu_q, cu_k, 100, 200, softcap=30.0)
+    dout = torch.randn_like(out)
+    results = [(out, *torch.autograd.grad(out, leaves, dout))]
+    for dtype in (torch.float64, torch.bfloat16):  # the oracle, then PyTorch in bf16
+        ref_leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        outs = [attention_ref(ref_leaves[0][None, cu_q[b]:cu_q[b + 1]], ref_leaves[1][None, cu_k[b]:cu_k[b + 1]],
+                              ref_leaves[2][None, cu_k[b]:cu_k[b + 1]], softcap=30.0,
+                              upcast=dtype == torch.float64)[0][0] for b in range(4)]
+        ref_out = torch.cat(outs)
+        results.append((ref_out, *torch.autograd.grad(ref_out, ref_leaves, dout.to(dtype))))
+    for name, ours, ref, lowp in zip(("out", "dq", "dk", "dv"), *results):
+        err, torch_err = ((x.double() - ref).abs().max().item() for x in (ours, lowp))
+        check = Check(name, err, torch_err, _rounding_atol(ref, torch.bfloat16))
+        assert check.ok, str(check)
+
+
+# name: (softmax_scale, cap, sign of the later keys' scores): a window's left edge whose
+# scores lie below the shift, or at 71 (base 2) with later scores near -71
+LEFT_EDGE = {"max-below-shift": (None, 30.0, 1), "max-above-shift-then-near-minus-cap": (6.0, 50.0, -1)}
+
+
+@pytest.mark.parametrize("name", LEFT_EDGE, ids=list(LEFT_EDGE))
+def test_bounded_softcap_masked_tiles_before_unmasked_ones(launch_flags, monkeypatch, name):
+    """A window's left edge runs masked tiles before the unmasked ones; where a program has an
+    unmasked tile its masked tiles take the shift too, so m, l and acc never change footing (a
+    running max there, left for the shift, put everything 2.9 off and, past exp2_fma's range,
+    NaN). Rows without unmasked tiles, in the same launch, keep the running max."""
+    monkeypatch.setenv("TILEATTN_BACKEND", "triton")
+    flags = launch_flags("tileattn.kernels.forward", "_fwd")
+    scale, cap, sign = LEFT_EDGE[name]
+    q, k, v = make_qkv(1, 100, 200, 2, 1, 32, dtype=torch.bfloat16)
+    q, k = q.abs(), k.abs()
+    k[:, 64:] *= sign  # keys from the first unmasked tile on
+    checks = check_attention(flash_attn_func, q, k, v, softmax_scale=scale, softcap=cap, window_size=(100, -1))
+    failed = [str(c) for c in checks if not c.ok]
+    assert not failed, failed
     assert [f["BOUNDED"] for f in flags] == [2]
 
 

@@ -30,7 +30,7 @@ from .tile import (
 def _fwd_tile(
     acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b, hk, start_n, offs_m, offs_n, offs_d, offs_d2, mask_d,
     mask_d2, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-    window_right, seed, offset, bh, dropout_p, alibi_ref,
+    window_right, seed, offset, bh, dropout_p, alibi_ref, shift_masked,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
@@ -57,7 +57,7 @@ def _fwd_tile(
                                  cols < seqlen_k, mask_d, mask_d2, stride_kd, stride_vd, MASKED, EVEN_D,
                                  SPLIT_D)
     return attend_tile(acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, offs_m, start_n, cols, seqlen_q, seqlen_k, qk_scale,
-                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, alibi_ref,
+                       softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, alibi_ref, shift_masked,
                        CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, MASKED, SPLIT_D, DOT_PRECISION, BOUNDED)
 
 
@@ -126,25 +126,26 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     lo, full_lo, full_hi, hi = key_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, seqlen_q, seqlen_k,
                                          window_left, window_right, BLOCK_N, CAUSAL, WINDOW)
+    shift_masked = full_lo < full_hi  # an unmasked tile: every row sees BLOCK_N keys or more
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m, shift_masked,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m, shift_masked,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_src, k2_src, v_src, v2_src, b32, hk32, start_n,
                                         offs_m, offs_n, offs_d, offs_d2, mask_d, mask_d2, stride_kn, stride_kd,
                                         stride_vn, stride_vd, seqlen_q, seqlen_k, qk_scale, softcap, slope, window_left,
-                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m,
+                                        window_right, seed, philox_offset, pid_bh, dropout_p, start_m, shift_masked,
                                         CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, EVEN_D, SPLIT_D, TMA, WIDE,
                                         DOT_PRECISION, BOUNDED)
 
@@ -257,8 +258,7 @@ def forward(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_s
         *strides(l3, varlen)[:2], alibi_batch_stride(alibi_slopes),
         seqlen_q, seqlen_k, heads, heads // heads_kv, head_dim, softmax_scale * LOG2E.value,
         *variant_args(causal, window_size, softcap), *dropout_args(dropout), seqlen_bucket(seqlen_q, seqlen_k),
-        **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True,
-                        bounded=several_keys(causal, window_size, seqlen_k)),
+        **variant_flags(causal, window_size, softcap, alibi_slopes, q, per_key_alibi=True, bounded=True),
         SINK=learnable_sink is not None, DROPOUT=dropout[0] > 0, VARLEN=varlen, **blocks,
         **_host_descs(use_tma(blocks, q4, k4, v4, o4), varlen, blocks, k4, v4), WIDE=wide,
         DOT_PRECISION=dot_precision(q.dtype),
@@ -310,23 +310,11 @@ def variant_args(causal: bool, window_size, softcap: float) -> tuple:
     return float(softcap) if softcap else 1.0, left, right
 
 
-def several_keys(causal: bool, window_size, seqlen_k: int) -> bool:
-    """Whether a query row may see more than one key: not with seqlen_k <= 1 or a window of
-    width 0. Where none does, the forward keeps the running max (no BOUNDED): a row's only key
-    then has p = 1, exact in bf16, while under the bounded shift its p rounds to bf16 in the
-    output's sum but not in the normalizer, so out = v * bf16(p) / p. The backward's rowsum(dO *
-    out) then misses dO.v by up to 2**-9 of it, and dq and dk, exactly 0, came out at 0.15-0.30
-    (bf16, cap 50, scale 1, head dim 48: test_forward; PyTorch's bf16 gets 0). Rows with more
-    keys round every probability in PyTorch's computation too."""
-    _, left, right = window_bounds(causal, window_size)
-    return seqlen_k > 1 and left + right > 0
-
-
 BOUNDED_MAX_CAP = 50.0  # tile.bounded_shift: probabilities up to 2**24.3 at this cap
 
 
 def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, per_key_alibi: bool = False,
-                  bounded: bool | None = None) -> dict:
+                  bounded: bool = False) -> dict:
     """Constexpr switches. SOFTCAP 2 (tanh.approx, one instruction instead of ~15) for fp16/bf16
     on NVIDIA GPUs, 1 (exact) for fp32 and elsewhere. ALIBI 2 (causal fp16/bf16, per_key_alibi:
     the forward kernel): the bias as one vector over each tile's keys plus a per-row constant the
@@ -337,21 +325,20 @@ def variant_flags(causal: bool, window_size, softcap: float, alibi_slopes, q, pe
     from 912 to 1032 bytes (sm_90a, d128) and the ALiBi backward from 3.63-3.86 to 4.20-4.36 ms
     (H100, 2 x 8k x 16 x 128 causal); the decode kernel's rows are heads with slopes of their own.
 
-    bounded (given by kernels with an online softmax: the forward, decode) adds BOUNDED; where
-    bounded is true, on for a softcap up to BOUNDED_MAX_CAP without ALiBi in bf16 or fp32: capped
-    scores never pass the cap, so one fixed shift replaces the running max (tile.bounded_shift).
-    fp16 probabilities lack the exponent range (2**-24 is their smallest), and ALiBi's bias has
-    no lower bound. BOUNDED 2 for bf16 computes half the exponentials without the MUFU unit
+    bounded (kernels with an online softmax: the forward, decode) adds BOUNDED, on for a softcap
+    up to BOUNDED_MAX_CAP without ALiBi in bf16 or fp32: capped scores never pass the cap, so one
+    fixed shift replaces the running max in unmasked tiles (tile.bounded_shift). fp16
+    probabilities lack the exponent range (2**-24 is their smallest), and ALiBi's bias has no
+    lower bound. BOUNDED 2 for bf16 computes half the exponentials without the MUFU unit
     (fastmath.exp2_fma, accurate to 7.5e-5: enough for bf16 probabilities, not fp32's)."""
     half = q.dtype != torch.float32
     approx = q.is_cuda and torch.version.hip is None and half
     alibi = 0 if alibi_slopes is None else 2 if causal and half and per_key_alibi else 1
     flags = dict(CAUSAL=causal, WINDOW=window_bounds(causal, window_size)[0],
                  SOFTCAP=(2 if approx else 1) if softcap else 0, ALIBI=alibi)
-    if bounded is not None:
+    if bounded:
         flags["BOUNDED"] = 0
-        fits = 0 < softcap <= BOUNDED_MAX_CAP and alibi_slopes is None
-        if bounded and fits and q.dtype in (torch.bfloat16, torch.float32):
+        if 0 < softcap <= BOUNDED_MAX_CAP and alibi_slopes is None and q.dtype in (torch.bfloat16, torch.float32):
             flags["BOUNDED"] = 2 if q.dtype == torch.bfloat16 else 1
     return flags
 

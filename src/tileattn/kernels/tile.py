@@ -204,8 +204,38 @@ def kept_transposed(words_t, dropout_p):
 
 
 @triton.jit
-def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                        SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr = False):
+def _shifted(s, c, m_i, l_i, EXP2_FMA: tl.constexpr):
+    """BOUNDED's step: every score shifted by the bound (m = -inf before the first tile)."""
+    m_new = tl.maximum(m_i, bounded_shift(c))
+    x = s * c - m_new[:, None]
+    if EXP2_FMA:  # finite, in [-120, 24.3]: exp2_fma's range
+        p = exp2_half_fma(x)
+    else:
+        p = tl.math.exp2(x)  # masked scores are -inf: p = 0, no -inf - -inf
+    return m_new, l_i + tl.sum(p, 1), p
+
+
+@triton.jit
+def _running(s, c, m_i, l_i, acc, acc2, MASKED: tl.constexpr, SPLIT_D: tl.constexpr):
+    """The online softmax's step: shift by the running max, rescale what came before."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    if MASKED:
+        # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s * c - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    acc = acc * alpha[:, None]
+    if SPLIT_D:
+        acc2 = acc2 * alpha[:, None]
+    return m_new, l_i * alpha + tl.sum(p, 1), acc, acc2, p
+
+
+@triton.jit
+def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, shift_masked, MASKED: tl.constexpr,
+                        DROPOUT: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BOUNDED: tl.constexpr = False):
     """Fold one tile of base-2 scores s * c [M, N] (c > 0, see score_tile's FOLD) and values v
     [N, D] (and v2 [N, D2], the head dim's second part, with SPLIT_D) into (m, l, acc, acc2).
     With DROPOUT, words (dropout_words) zero the probabilities dropout drops before they reach
@@ -215,28 +245,24 @@ def online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, MASK
     BOUNDED (softcap without ALiBi, |s| <= 1: see bounded_shift) shifts every score by one
     constant instead of the running max: no row max, no rescale of l and acc per tile. BOUNDED 2
     (bf16) also takes the odd columns' exponentials of unmasked tiles off the MUFU unit, which
-    the softcap's tanh already loads with one instruction per score (fastmath.exp2_half_fma)."""
-    if BOUNDED:
-        m_new = tl.maximum(m_i, bounded_shift(c))  # -inf (no tile yet) -> the shift; a constant after
-        x = s * c - m_new[:, None]  # masked scores are -inf: p = 0, no -inf - -inf
-        if BOUNDED == 2 and not MASKED:  # finite, in [-120, 24.3]: exp2_fma's range
-            p = exp2_half_fma(x)
+    the softcap's tanh already loads with one instruction per score (fastmath.exp2_half_fma).
+
+    shift_masked (runtime, one value per program) says whether BOUNDED's masked tiles take the
+    shift too: the caller passes whether it runs an unmasked tile, so that every row it holds
+    sees whole tiles of keys. Programs of masked tiles only, which hold the rows that see a few
+    keys, keep the running max: under the shift a row's largest p, 1 with the max, rounds to
+    bf16 in acc but not in l, and with one key the output was v * bf16(p) / p, the backward's dq
+    and dk (exactly 0) 0.15-0.30 off and a packed batch's one-key sequence 1.8e-2 (PyTorch's
+    bf16 2.9e-3; test_forward)."""
+    if BOUNDED and not MASKED:
+        m_new, l_i, p = _shifted(s, c, m_i, l_i, BOUNDED == 2)
+    elif BOUNDED:
+        if shift_masked:
+            m_new, l_i, p = _shifted(s, c, m_i, l_i, False)
         else:
-            p = tl.math.exp2(x)
-        l_i = l_i + tl.sum(p, 1)
+            m_new, l_i, acc, acc2, p = _running(s, c, m_i, l_i, acc, acc2, MASKED, SPLIT_D)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        if MASKED:
-            # a row that has seen only masked keys keeps m = -inf; shift it by 0 so exp2 gives 0
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        p = tl.math.exp2(s * c - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if SPLIT_D:
-            acc2 = acc2 * alpha[:, None]
+        m_new, l_i, acc, acc2, p = _running(s, c, m_i, l_i, acc, acc2, MASKED, SPLIT_D)
     if DROPOUT:
         p = dropped(p, words, dropout_p)
     p = cast(p, v.dtype, DOT_PRECISION)
@@ -330,7 +356,7 @@ def load_kv(k_cols, v_rows, offs_d, offs_d2, in_k, mask_d, mask_d2, stride_kd, s
 @triton.jit
 def attend_tile(
     acc, acc2, l_i, m_i, q, q2, kt, kt2, v, v2, q_idx, first_col, cols, seqlen_q, seqlen_k,
-    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, alibi_ref,
+    qk_scale, softcap, slope, window_left, window_right, seed, offset, bh, dropout_p, alibi_ref, shift_masked,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, SPLIT_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BOUNDED: tl.constexpr,
 ):
@@ -340,8 +366,8 @@ def attend_tile(
     key/query. With SPLIT_D the head dim comes in two parts (q, kt, v, acc and q2, kt2, v2, acc2:
     64 + 16 columns for head dim 80), so no tensor-core work goes to padding; without it the *2
     arguments are ignored. With ALIBI 2, alibi_ref is score_tile's reference row: the running
-    max then carries alibi_row_shift, which the caller subtracts after the last tile. BOUNDED:
-    see online_softmax_fold."""
+    max then carries alibi_row_shift, which the caller subtracts after the last tile. BOUNDED and
+    shift_masked: see online_softmax_fold."""
     qk = mma(q, kt, None, DOT_PRECISION)
     if SPLIT_D:
         qk = mma(q2, kt2, qk, DOT_PRECISION)
@@ -356,7 +382,8 @@ def attend_tile(
     words = 0
     if DROPOUT:
         words = dropout_words(seed, offset, bh, q_idx, first_col, cols.shape[0])
-    return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, MASKED, DROPOUT, SPLIT_D,
+    return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, shift_masked, MASKED, DROPOUT,
+                               SPLIT_D,
                                DOT_PRECISION, BOUNDED)
 
 

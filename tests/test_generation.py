@@ -82,6 +82,23 @@ def test_eos_stops_and_pads_like_generate(backend, rows, watched):
         assert torch.equal(torch.stack(seen, 1), got[:, 11:])
 
 
+def test_eos_and_pad_default_to_the_generation_config_as_generate(backend):
+    """Without eos_token_id and pad_token_id both read the model's generation_config, as
+    transformers' generate does (a fuzzed comparison found 8 of 90 left-padded batches stopping
+    at the config's eos in generate and not here); eos_token_id=[] never stops early."""
+    ours, eager = _models("llama")
+    ids, mask = _prompts()
+    free = eager.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=[],
+                          pad_token_id=0)
+    stop = int(free[1, 11 + 3])  # a token sequence 1 produces at its 4th step
+    for model in (ours, eager):
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, 0
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=10)
+    assert torch.equal(got, eager.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
+    assert (got[1, 11 + 4:] == 0).all() and not torch.equal(got, free)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]), free)
+
+
 def test_greedy_steps_choose_their_tokens_on_the_device(backend, monkeypatch):
     """A greedy step picks and records its next token itself (inside the CUDA graph on a GPU):
     the host samples once, from the prefill's logits."""

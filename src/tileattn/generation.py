@@ -373,6 +373,19 @@ class _Step:
 EOS_CHECK_EVERY = 16  # tokens between host reads of "all stopped" when nobody watches each token
 
 
+def _stop_tokens(model, eos_token_id, pad_token_id, device) -> tuple[torch.Tensor, int]:
+    """(eos ids as a tensor, pad id): None reads the model's generation_config, as transformers'
+    generate does (a user switching from model.generate gets the same stops)."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    return eos, pad
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
@@ -386,8 +399,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         input_ids: (B, prompt) prompts, left-padded when their lengths differ.
         attention_mask: (B, prompt) 1 for tokens, 0 for left padding; None = no padding.
         eos_token_id: a sequence that produces one of these stops; later positions get
-            pad_token_id (default: the first eos id). Generation ends when all have stopped
-            (the host looks every 16 tokens when there is no on_token, and returns the same).
+            pad_token_id. None takes the model's generation_config, as transformers' generate
+            does; [] never stops early. Generation ends when all have stopped (the host looks
+            every 16 tokens when there is no on_token, and returns the same).
+        pad_token_id: None takes the generation_config's, else the first eos id, else 0.
         do_sample, temperature, top_k, top_p, seed: sampling (greedy by default); seed makes
             draws reproducible.
         cuda_graph: capture one decode step in a CUDA graph and replay it per token (CUDA
@@ -434,8 +449,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     # one at 2051 spent 1.7 s compiling inside its first decode step, H200)
     capacity = -(-(prompt_len + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
     cache = _static_cache(model, capacity)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    eos, pad = _stop_tokens(model, eos_token_id, pad_token_id, device)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

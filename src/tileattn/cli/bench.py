@@ -376,8 +376,8 @@ def generation_bench(device, prompt_lengths, new_tokens, log, batch: int = 1, co
     def run(ids, tokens, fast=False, cuda_graph=False, compile=False, overlap=True):
         if fast:
             with torch.inference_mode():
-                return timed_fast_generate(model, ids, tokens, device, cuda_graph=cuda_graph, compile=compile,
-                                           overlap=overlap)
+                return timed_fast_generate(model, ids, tokens, device, eos_token_id=[], cuda_graph=cuda_graph,
+                                           compile=compile, overlap=overlap)  # every step timed: no eos
         return timed_generate(model, ids, tokens, device)
 
     rows = []

@@ -69,8 +69,8 @@ def profile_decode_steps(model, input_ids: torch.Tensor, steps: int, compile: bo
             _step_profile_marker[(1,)](flag)
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate(model, input_ids, max_new_tokens=steps + WARM_TOKENS, cuda_graph=True, compile=compile,
-                 on_token=on_token)
+        generate(model, input_ids, max_new_tokens=steps + WARM_TOKENS, eos_token_id=[], cuda_graph=True,
+                 compile=compile, on_token=on_token)
         torch.cuda.synchronize()
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
@@ -94,7 +94,7 @@ def step_profile_bench(device, prompt_lengths, steps: int, log, compile: bool = 
     results = []
     for n in prompt_lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
-        generate(model, ids, max_new_tokens=8, cuda_graph=True, compile=compile)  # compile and tune first
+        generate(model, ids, max_new_tokens=8, eos_token_id=[], cuda_graph=True, compile=compile)  # compile, tune
         result = profile_decode_steps(model, ids, steps, compile)
         log(f"prompt {n}: {result.window_us:.0f} us a step, {100 * result.busy_us / result.window_us:.1f}% busy, "
             f"{sum(r[1] for r in result.rows):.0f} kernels")

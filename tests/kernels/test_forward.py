@@ -232,9 +232,9 @@ LEFT_EDGE = {"max-below-shift": (None, 30.0, 1), "max-above-shift-then-near-minu
 @pytest.mark.parametrize("name", LEFT_EDGE, ids=list(LEFT_EDGE))
 def test_bounded_softcap_masked_tiles_before_unmasked_ones(launch_flags, monkeypatch, name):
     """A window's left edge runs masked tiles before the unmasked ones; where a program has an
-    unmasked tile its masked tiles take the shift too, so m, l and acc never change footing (a
-    running max there, left for the shift, put everything 2.9 off and, past exp2_fma's range,
-    NaN). Rows without unmasked tiles, in the same launch, keep the running max."""
+    unmasked tile its masked tiles take the shift too, so m, l and acc never change footing
+    (moving from a running max to the shift between them without a rescale put out 2.9 off
+    and, past exp2_fma's range, NaN)."""
     monkeypatch.setenv("TILEATTN_BACKEND", "triton")
     flags = launch_flags("tileattn.kernels.forward", "_fwd")
     scale, cap, sign = LEFT_EDGE[name]

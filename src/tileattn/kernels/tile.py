@@ -383,8 +383,7 @@ def attend_tile(
     if DROPOUT:
         words = dropout_words(seed, offset, bh, q_idx, first_col, cols.shape[0])
     return online_softmax_fold(s, c, m_i, l_i, acc, acc2, v, v2, words, dropout_p, shift_masked, MASKED, DROPOUT,
-                               SPLIT_D,
-                               DOT_PRECISION, BOUNDED)
+                               SPLIT_D, DOT_PRECISION, BOUNDED)
 
 
 @triton.jit
